@@ -1,0 +1,3 @@
+module github.com/kagzi/kagzi/examples
+
+go 1.26

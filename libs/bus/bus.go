@@ -1,0 +1,279 @@
+// Package bus is Kagzi's use of NATS: connecting with credentials, the JetStream streams
+// and consumers (created idempotently at start-up and re-checked), and publishing the
+// messages the services exchange. Messages carry ids only; PostgreSQL holds the state.
+package bus
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// ConnOptions says how to reach NATS. Every service and the SDK client take it.
+type ConnOptions struct {
+	URL       string
+	Name      string // shown in the server's connection list
+	User      string
+	Password  string
+	Token     string
+	NKeySeed  string // path of an NKey seed file
+	CredsFile string // path of a JWT creds file
+	TLSCA     string // path of a CA bundle to verify the server with
+	TLSCert   string // client certificate (mutual TLS)
+	TLSKey    string
+}
+
+// Connect dials NATS and keeps reconnecting forever: a service that loses the broker
+// waits for it instead of exiting.
+func Connect(o ConnOptions) (*nats.Conn, error) {
+	url := o.URL
+	if url == "" {
+		url = nats.DefaultURL
+	}
+	opts := []nats.Option{
+		nats.Name(o.Name),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(250 * time.Millisecond),
+		nats.RetryOnFailedConnect(true),
+		nats.ReconnectBufSize(8 << 20),
+	}
+	if o.User != "" {
+		opts = append(opts, nats.UserInfo(o.User, o.Password))
+	}
+	if o.Token != "" {
+		opts = append(opts, nats.Token(o.Token))
+	}
+	if o.NKeySeed != "" {
+		opt, err := nats.NkeyOptionFromSeed(o.NKeySeed)
+		if err != nil {
+			return nil, fmt.Errorf("load nkey seed %s: %w", o.NKeySeed, err)
+		}
+		opts = append(opts, opt)
+	}
+	if o.CredsFile != "" {
+		opts = append(opts, nats.UserCredentials(o.CredsFile))
+	}
+	if o.TLSCA != "" {
+		opts = append(opts, nats.RootCAs(o.TLSCA))
+	}
+	if o.TLSCert != "" {
+		opts = append(opts, nats.ClientCert(o.TLSCert, o.TLSKey))
+	}
+	nc, err := nats.Connect(url, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connect to nats %s: %w", url, err)
+	}
+	return nc, nil
+}
+
+// StreamConfig tunes the task and submit streams.
+type StreamConfig struct {
+	Replicas        int           // 1 on a single server, 3 on a cluster
+	DuplicateWindow time.Duration // JetStream de-duplication window for Nats-Msg-Id
+	MaxAge          time.Duration // a doorbell older than this is useless: the reconciler re-dispatches
+}
+
+// DefaultStreamConfig suits one server.
+func DefaultStreamConfig() StreamConfig {
+	return StreamConfig{Replicas: 1, DuplicateWindow: 2 * time.Minute, MaxAge: 24 * time.Hour}
+}
+
+// ConsumerConfig tunes a task consumer. The lease, not AckWait, says whether an executor is
+// alive: executors ack as soon as their claim commits, so AckWait only bounds how long a
+// fetched but unclaimed message waits before another executor may have it.
+type ConsumerConfig struct {
+	AckWait       time.Duration
+	MaxDeliver    int // backstop only: attempts are counted in PostgreSQL
+	MaxAckPending int
+}
+
+// DefaultConsumerConfig is used when none is configured.
+func DefaultConsumerConfig() ConsumerConfig {
+	return ConsumerConfig{AckWait: 30 * time.Second, MaxDeliver: 20, MaxAckPending: 10_000}
+}
+
+// Bus publishes and consumes Kagzi's messages on one connection.
+type Bus struct {
+	nc      *nats.Conn
+	js      jetstream.JetStream
+	streams StreamConfig
+}
+
+// New wraps a connection.
+func New(nc *nats.Conn, streams StreamConfig) (*Bus, error) {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("open jetstream: %w", err)
+	}
+	if streams.Replicas <= 0 {
+		streams.Replicas = 1
+	}
+	return &Bus{nc: nc, js: js, streams: streams}, nil
+}
+
+// Conn is the underlying connection.
+func (b *Bus) Conn() *nats.Conn { return b.nc }
+
+// JetStream is the underlying JetStream context.
+func (b *Bus) JetStream() jetstream.JetStream { return b.js }
+
+func (b *Bus) taskStreamConfig() jetstream.StreamConfig {
+	return jetstream.StreamConfig{
+		Name:        wire.TaskStream,
+		Description: "Kagzi task doorbells {run_id, dispatch_seq}",
+		Subjects:    []string{wire.TaskSubjectPrefix + ">"},
+		Retention:   jetstream.WorkQueuePolicy,
+		Storage:     jetstream.FileStorage,
+		Replicas:    b.streams.Replicas,
+		Duplicates:  b.streams.DuplicateWindow,
+		MaxAge:      b.streams.MaxAge,
+		MaxMsgSize:  4 << 10, // a doorbell is ~80 bytes; anything larger is not ours
+		Discard:     jetstream.DiscardOld,
+	}
+}
+
+func (b *Bus) submitStreamConfig() jetstream.StreamConfig {
+	return jetstream.StreamConfig{
+		Name:        wire.SubmitStream,
+		Description: "Kagzi start requests published with JetStream",
+		Subjects:    []string{wire.SubmitSubjectPrefix + ">"},
+		Retention:   jetstream.WorkQueuePolicy,
+		Storage:     jetstream.FileStorage,
+		Replicas:    b.streams.Replicas,
+		Duplicates:  b.streams.DuplicateWindow,
+		MaxAge:      7 * 24 * time.Hour,
+		Discard:     jetstream.DiscardNew, // refuse new starts rather than drop accepted ones
+	}
+}
+
+// EnsureStreams creates or updates both streams. Safe to call at any time and from any
+// number of processes; services call it at start-up and periodically, so a broker that
+// lost its store gets its streams back without a manual step.
+func (b *Bus) EnsureStreams(ctx context.Context) error {
+	for _, cfg := range []jetstream.StreamConfig{b.taskStreamConfig(), b.submitStreamConfig()} {
+		if _, err := b.js.CreateOrUpdateStream(ctx, cfg); err != nil {
+			return fmt.Errorf("ensure stream %s: %w", cfg.Name, err)
+		}
+	}
+	return nil
+}
+
+// EnsureTaskConsumer creates or updates the durable consumer that every executor serving
+// a workflow shares.
+func (b *Bus) EnsureTaskConsumer(ctx context.Context, namespace, workflow string, cc ConsumerConfig) (jetstream.Consumer, error) {
+	name := wire.TaskConsumer(namespace, workflow)
+	cons, err := b.js.CreateOrUpdateConsumer(ctx, wire.TaskStream, jetstream.ConsumerConfig{
+		Durable:       name,
+		FilterSubject: wire.TaskSubject(namespace, workflow),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       cc.AckWait,
+		MaxDeliver:    cc.MaxDeliver,
+		MaxAckPending: cc.MaxAckPending,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("ensure task consumer %s: %w", name, err)
+	}
+	return cons, nil
+}
+
+// EnsureSubmitConsumer creates or updates the durable consumer the schedulers share.
+func (b *Bus) EnsureSubmitConsumer(ctx context.Context, cc ConsumerConfig) (jetstream.Consumer, error) {
+	cons, err := b.js.CreateOrUpdateConsumer(ctx, wire.SubmitStream, jetstream.ConsumerConfig{
+		Durable:       wire.SchedulerQueueGroup,
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       cc.AckWait,
+		MaxDeliver:    cc.MaxDeliver,
+		MaxAckPending: cc.MaxAckPending,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("ensure submit consumer: %w", err)
+	}
+	return cons, nil
+}
+
+// Doorbell is one task message to publish.
+type Doorbell struct {
+	Namespace string
+	Workflow  string
+	Task      wire.Task
+}
+
+// PublishTasks publishes doorbells and waits for JetStream to accept them. Each carries
+// Nats-Msg-Id <run_id>:<dispatch_seq>, so a repeated publish of one dispatch is dropped
+// by the stream while a re-dispatch is not. A failure is not fatal to correctness: the
+// run stays QUEUED and the reconciler publishes again.
+func (b *Bus) PublishTasks(ctx context.Context, bells []Doorbell) error {
+	if len(bells) == 1 {
+		bell := bells[0]
+		data, _ := json.Marshal(bell.Task)
+		_, err := b.js.Publish(ctx, wire.TaskSubject(bell.Namespace, bell.Workflow), data,
+			jetstream.WithMsgID(wire.MsgID(bell.Task.RunID, bell.Task.DispatchSeq)))
+		if err != nil {
+			return fmt.Errorf("publish task for run %s: %w", bell.Task.RunID, err)
+		}
+		return nil
+	}
+	futures := make([]jetstream.PubAckFuture, 0, len(bells))
+	for _, bell := range bells {
+		data, _ := json.Marshal(bell.Task)
+		f, err := b.js.PublishAsync(wire.TaskSubject(bell.Namespace, bell.Workflow), data,
+			jetstream.WithMsgID(wire.MsgID(bell.Task.RunID, bell.Task.DispatchSeq)))
+		if err != nil {
+			return fmt.Errorf("publish task for run %s: %w", bell.Task.RunID, err)
+		}
+		futures = append(futures, f)
+	}
+	var errs []error
+	for i, f := range futures {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			errs = append(errs, fmt.Errorf("publish task for run %s: %w", bells[i].Task.RunID, err))
+		case <-ctx.Done():
+			return fmt.Errorf("publish %d tasks: %w", len(bells), ctx.Err())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// PublishDone announces a terminal run on core NATS. Best effort: waiters fall back to
+// reading PostgreSQL.
+func (b *Bus) PublishDone(runID wire.RunID, status wire.Status) {
+	data, _ := json.Marshal(wire.RunDone{RunID: runID, Status: status})
+	_ = b.nc.Publish(wire.DoneSubject(runID), data)
+}
+
+// PublishTimerHint tells timers that a run will be due at wakeAt. Best effort: the timer's
+// periodic look is the safety net.
+func (b *Bus) PublishTimerHint(wakeAt time.Time) {
+	data, _ := json.Marshal(wire.TimerHint{WakeAt: wakeAt})
+	_ = b.nc.Publish(wire.TimerHintSubject, data)
+}
+
+// DecodeTask parses a doorbell strictly: a message that is not exactly a task with a valid
+// run id and a positive dispatch_seq is poison.
+func DecodeTask(data []byte) (wire.Task, error) {
+	var t wire.Task
+	if len(data) > 1024 {
+		return t, wire.Errorf(wire.ErrInvalidArgument, "task message of %d bytes", len(data))
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&t); err != nil {
+		return t, wire.Errorf(wire.ErrInvalidArgument, "task message is not a task: %v", err)
+	}
+	if !wire.ValidRunID(t.RunID) || t.DispatchSeq <= 0 {
+		return t, wire.Errorf(wire.ErrInvalidArgument, "task message has run_id %q dispatch_seq %d", t.RunID, t.DispatchSeq)
+	}
+	return t, nil
+}

@@ -1,0 +1,511 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// Dispatch is a transition into QUEUED that must be announced with a task message after
+// the transaction that made it has committed.
+type Dispatch struct {
+	RunID       wire.RunID
+	Namespace   string
+	Workflow    string
+	DispatchSeq int64
+}
+
+// RunInsertParams describes a new run.
+type RunInsertParams struct {
+	ID             wire.RunID
+	Namespace      string
+	Workflow       string
+	Version        string
+	Input          []byte
+	IdempotencyKey string
+	MaxAttempts    int
+}
+
+// RunInsertResult says which run the start produced.
+type RunInsertResult struct {
+	Dispatch
+	Existing bool        // the key already named a run; nothing was written
+	Status   wire.Status // the run's status now (QUEUED for a new run)
+}
+
+const runInsertSQL = `
+INSERT INTO workflow_runs (id, namespace, workflow, version, status, input, idempotency_key, max_attempts)
+VALUES ($1, $2, $3, $4, 'QUEUED', $5, $6, $7)
+ON CONFLICT (namespace, workflow, idempotency_key) DO NOTHING
+RETURNING dispatch_seq`
+
+// Uses the workflow_runs_idempotency unique index.
+const runByIdempotencyKeySQL = `
+SELECT id, input, status, dispatch_seq FROM workflow_runs
+WHERE namespace = $1 AND workflow = $2 AND idempotency_key = $3`
+
+// RunInsert creates a QUEUED run, or returns the run that already holds the idempotency
+// key. A key reused with a different input is wire.ErrIdempotencyConflict.
+func (s *Store) RunInsert(ctx context.Context, p RunInsertParams) (RunInsertResult, error) {
+	if p.MaxAttempts <= 0 {
+		p.MaxAttempts = 5
+	}
+	res := RunInsertResult{Dispatch: Dispatch{RunID: p.ID, Namespace: p.Namespace, Workflow: p.Workflow}, Status: wire.StatusQueued}
+	err := s.db.QueryRow(ctx, runInsertSQL, p.ID, p.Namespace, p.Workflow, p.Version, p.Input, p.IdempotencyKey, p.MaxAttempts).
+		Scan(&res.DispatchSeq)
+	if err == nil {
+		return res, nil
+	}
+	if !errors.Is(err, pgx.ErrNoRows) {
+		return RunInsertResult{}, fmt.Errorf("insert run %s: %w", p.ID, err)
+	}
+	var input []byte
+	err = s.db.QueryRow(ctx, runByIdempotencyKeySQL, p.Namespace, p.Workflow, p.IdempotencyKey).
+		Scan(&res.RunID, &input, &res.Status, &res.DispatchSeq)
+	if err != nil {
+		// The conflicting row cannot vanish (runs are never deleted by the engine), so
+		// this is a real failure.
+		return RunInsertResult{}, fmt.Errorf("read run for idempotency key %q: %w", p.IdempotencyKey, err)
+	}
+	res.Existing = true
+	if !bytes.Equal(input, p.Input) {
+		return res, wire.Errorf(wire.ErrIdempotencyConflict, "key %q already started run %s with another input", p.IdempotencyKey, res.RunID)
+	}
+	return res, nil
+}
+
+// RunClaimParams identifies one dispatch of one run.
+type RunClaimParams struct {
+	RunID       wire.RunID
+	DispatchSeq int64
+	Namespace   string
+	Workflow    string
+	Owner       string
+	Lease       time.Duration
+}
+
+// ClaimedRun is a run an executor now holds, with every step recorded so far.
+type ClaimedRun struct {
+	ID             wire.RunID
+	Namespace      string
+	Workflow       string
+	Version        string
+	Input          []byte
+	Attempt        int
+	MaxAttempts    int
+	Fence          int64
+	DBNow          time.Time // the database clock at the claim: replay compares wake times to it
+	LeaseExpiresAt time.Time
+	Steps          []Step
+}
+
+// The claim names the dispatch it answers (dispatch_seq), so a stale, duplicated or forged
+// doorbell changes nothing. Primary-key update; the steps are read in the same round trip.
+const runClaimSQL = `
+UPDATE workflow_runs SET
+    status = 'RUNNING', fence = fence + 1, lease_owner = $5,
+    lease_expires_at = now() + $6::bigint * interval '1 microsecond',
+    started_at = coalesce(started_at, now()), updated_at = now()
+WHERE id = $1 AND dispatch_seq = $2 AND namespace = $3 AND workflow = $4 AND status = 'QUEUED'
+RETURNING version, input, attempt, max_attempts, fence, now(), lease_expires_at`
+
+// RunClaim takes a QUEUED run for this executor: status RUNNING, fence+1, a lease from
+// the database clock. ok is false when the dispatch is stale or the run is not QUEUED
+// (a no-op claim: the caller acks the message and moves on).
+func (s *Store) RunClaim(ctx context.Context, p RunClaimParams) (run ClaimedRun, ok bool, err error) {
+	b := &pgx.Batch{}
+	b.Queue(runClaimSQL, p.RunID, p.DispatchSeq, p.Namespace, p.Workflow, p.Owner, micros(p.Lease))
+	// Same round trip (and implicit transaction) as the claim; a no-op claim ignores it.
+	b.Queue(stepsLoadSQL, p.RunID)
+	br := s.db.SendBatch(ctx, b)
+	defer br.Close()
+
+	run = ClaimedRun{ID: p.RunID, Namespace: p.Namespace, Workflow: p.Workflow}
+	err = br.QueryRow().Scan(&run.Version, &run.Input, &run.Attempt, &run.MaxAttempts, &run.Fence, &run.DBNow, &run.LeaseExpiresAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return ClaimedRun{}, false, nil
+	}
+	if err != nil {
+		return ClaimedRun{}, false, fmt.Errorf("claim run %s: %w", p.RunID, err)
+	}
+	rows, err := br.Query()
+	if err != nil {
+		return ClaimedRun{}, false, fmt.Errorf("load steps of run %s: %w", p.RunID, err)
+	}
+	run.Steps, err = scanSteps(rows)
+	if err != nil {
+		return ClaimedRun{}, false, fmt.Errorf("load steps of run %s: %w", p.RunID, err)
+	}
+	if err := br.Close(); err != nil {
+		return ClaimedRun{}, false, fmt.Errorf("claim run %s: %w", p.RunID, err)
+	}
+	return run, true, nil
+}
+
+// FencedParams names the run and the fence an executor holds it with.
+type FencedParams struct {
+	RunID wire.RunID
+	Fence int64
+}
+
+const runCompleteSQL = `
+UPDATE workflow_runs SET status = 'COMPLETED', output = $3, error = NULL,
+    lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
+WHERE id = $1 AND fence = $2 AND status = 'RUNNING'`
+
+// RunComplete records the run's output. wire.ErrLeaseLost when the fence is stale.
+func (s *Store) RunComplete(ctx context.Context, p FencedParams, output []byte) error {
+	tag, err := s.db.Exec(ctx, runCompleteSQL, p.RunID, p.Fence, output)
+	if err != nil {
+		return fmt.Errorf("complete run %s: %w", p.RunID, err)
+	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("complete run %s (fence %d): %w", p.RunID, p.Fence, wire.ErrLeaseLost)
+	}
+	return nil
+}
+
+// RunFailParams describes a failed attempt.
+type RunFailParams struct {
+	FencedParams
+	Error string
+	// Retry asks for another attempt after Backoff; it is granted while attempts remain.
+	Retry   bool
+	Backoff time.Duration
+}
+
+// RunFailResult says what became of the run.
+type RunFailResult struct {
+	Status  wire.Status // SLEEPING (a retry is due at WakeAt) or FAILED
+	Attempt int
+	WakeAt  *time.Time
+}
+
+// A retry is a durable sleep: SLEEPING with wake_at, woken by the timer like any sleeper.
+const runFailSQL = `
+UPDATE workflow_runs SET
+    status = CASE WHEN $4 AND attempt < max_attempts THEN 'SLEEPING' ELSE 'FAILED' END,
+    wake_at = CASE WHEN $4 AND attempt < max_attempts THEN now() + $5::bigint * interval '1 microsecond' ELSE wake_at END,
+    finished_at = CASE WHEN $4 AND attempt < max_attempts THEN NULL ELSE now() END,
+    attempt = CASE WHEN $4 AND attempt < max_attempts THEN attempt + 1 ELSE attempt END,
+    error = $3, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+WHERE id = $1 AND fence = $2 AND status = 'RUNNING'
+RETURNING status, attempt, CASE WHEN status = 'SLEEPING' THEN wake_at END`
+
+// RunFail ends an attempt with an error: a durable retry while attempts remain, FAILED
+// (the dead letter, with the last error) after that or when Retry is false.
+func (s *Store) RunFail(ctx context.Context, p RunFailParams) (RunFailResult, error) {
+	var r RunFailResult
+	err := s.db.QueryRow(ctx, runFailSQL, p.RunID, p.Fence, p.Error, p.Retry, micros(p.Backoff)).
+		Scan(&r.Status, &r.Attempt, &r.WakeAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return r, fmt.Errorf("fail run %s (fence %d): %w", p.RunID, p.Fence, wire.ErrLeaseLost)
+	}
+	if err != nil {
+		return r, fmt.Errorf("fail run %s: %w", p.RunID, err)
+	}
+	return r, nil
+}
+
+// RunSleepParams records a durable sleep.
+type RunSleepParams struct {
+	FencedParams
+	StepKey string
+	Seq     int
+	// Exactly one of Duration (new sleep: wake at the database's now() + Duration) and
+	// Until (an absolute wake time, or the recorded one on a re-sleep) is used; Until wins.
+	Duration time.Duration
+	Until    *time.Time
+}
+
+// One statement: the fenced status change and the sleep's step row commit together. On
+// a re-sleep the row exists already and ON CONFLICT keeps it.
+const runSleepSQL = `
+WITH r AS (
+    UPDATE workflow_runs SET status = 'SLEEPING',
+        wake_at = coalesce($5::timestamptz, now() + $6::bigint * interval '1 microsecond'),
+        lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+    WHERE id = $1 AND fence = $2 AND status = 'RUNNING'
+    RETURNING id, wake_at
+), s AS (
+    INSERT INTO step_runs (run_id, step_key, seq, kind, status, wake_at)
+    SELECT id, $3, $4, 'sleep', 'COMPLETED', wake_at FROM r
+    ON CONFLICT (run_id, step_key) DO NOTHING
+)
+SELECT wake_at FROM r`
+
+// RunSleep parks the run until its wake time and releases it. The wake time comes from
+// the database clock.
+func (s *Store) RunSleep(ctx context.Context, p RunSleepParams) (wakeAt time.Time, err error) {
+	var until any
+	if p.Until != nil {
+		until = *p.Until
+	}
+	err = s.db.QueryRow(ctx, runSleepSQL, p.RunID, p.Fence, p.StepKey, p.Seq, until, micros(p.Duration)).Scan(&wakeAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return time.Time{}, fmt.Errorf("sleep run %s step %q (fence %d): %w", p.RunID, p.StepKey, p.Fence, wire.ErrLeaseLost)
+	}
+	if err != nil {
+		return time.Time{}, fmt.Errorf("sleep run %s step %q: %w", p.RunID, p.StepKey, err)
+	}
+	return wakeAt, nil
+}
+
+const runReleaseSQL = `
+UPDATE workflow_runs SET status = 'QUEUED', dispatch_seq = dispatch_seq + 1, queued_at = now(),
+    lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+WHERE id = $1 AND fence = $2 AND status = 'RUNNING'
+RETURNING namespace, workflow, dispatch_seq`
+
+// RunRelease hands a held run back to the queue without spending an attempt (graceful
+// shutdown). The caller publishes the returned dispatch.
+func (s *Store) RunRelease(ctx context.Context, p FencedParams) (Dispatch, error) {
+	d := Dispatch{RunID: p.RunID}
+	err := s.db.QueryRow(ctx, runReleaseSQL, p.RunID, p.Fence).Scan(&d.Namespace, &d.Workflow, &d.DispatchSeq)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return d, fmt.Errorf("release run %s (fence %d): %w", p.RunID, p.Fence, wire.ErrLeaseLost)
+	}
+	if err != nil {
+		return d, fmt.Errorf("release run %s: %w", p.RunID, err)
+	}
+	return d, nil
+}
+
+// Held is a run an executor holds, for lease extension.
+type Held struct {
+	RunID wire.RunID
+	Fence int64
+}
+
+// Primary-key lookups for each held run, one statement for all of them.
+const runsExtendLeasesSQL = `
+UPDATE workflow_runs r SET lease_expires_at = now() + $2::bigint * interval '1 microsecond'
+FROM unnest($3::uuid[], $4::bigint[]) AS h(id, fence)
+WHERE r.id = h.id AND r.fence = h.fence AND r.status = 'RUNNING' AND r.lease_owner = $1
+RETURNING r.id::text`
+
+// RunsExtendLeases renews the leases of every run an executor holds in one statement and
+// returns the ids still held; a run missing from the answer was lost.
+func (s *Store) RunsExtendLeases(ctx context.Context, owner string, lease time.Duration, held []Held) (map[wire.RunID]bool, error) {
+	ids := make([]string, len(held))
+	fences := make([]int64, len(held))
+	for i, h := range held {
+		ids[i], fences[i] = h.RunID, h.Fence
+	}
+	rows, err := s.db.Query(ctx, runsExtendLeasesSQL, owner, micros(lease), ids, fences)
+	if err != nil {
+		return nil, fmt.Errorf("extend leases of %d runs: %w", len(held), err)
+	}
+	kept := make(map[wire.RunID]bool, len(held))
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("extend leases: %w", err)
+		}
+		kept[id] = true
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("extend leases of %d runs: %w", len(held), err)
+	}
+	return kept, nil
+}
+
+// SweepParams bounds one timer sweep.
+type SweepParams struct {
+	Now   *time.Time // nil: the database clock
+	Limit int
+}
+
+// Uses workflow_runs_sleeping_wake. SKIP LOCKED lets timer replicas split the work.
+const runsWakeDueSQL = `
+WITH due AS (
+    SELECT id FROM workflow_runs
+    WHERE status = 'SLEEPING' AND wake_at <= coalesce($1::timestamptz, now())
+    ORDER BY wake_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE workflow_runs r SET status = 'QUEUED', dispatch_seq = r.dispatch_seq + 1,
+    queued_at = now(), updated_at = now()
+FROM due WHERE r.id = due.id
+RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq`
+
+// RunsWakeDue moves due sleepers and retries to QUEUED and returns the dispatches to
+// announce.
+func (s *Store) RunsWakeDue(ctx context.Context, p SweepParams) ([]Dispatch, error) {
+	return s.queryDispatches(ctx, "wake due runs", runsWakeDueSQL, nowArg(p.Now), p.Limit)
+}
+
+// LeaseExpiry is one run whose executor stopped renewing its lease.
+type LeaseExpiry struct {
+	Dispatch
+	Status wire.Status // QUEUED (dispatch it) or FAILED (attempts exhausted)
+}
+
+// Uses workflow_runs_running_lease. An expired lease costs an attempt, so a run that
+// kills its executor every time (os.Exit in a step) ends FAILED instead of looping.
+const runsExpireLeasesSQL = `
+WITH due AS (
+    SELECT id FROM workflow_runs
+    WHERE status = 'RUNNING' AND lease_expires_at <= coalesce($1::timestamptz, now())
+    ORDER BY lease_expires_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE workflow_runs r SET
+    status = CASE WHEN r.attempt < r.max_attempts THEN 'QUEUED' ELSE 'FAILED' END,
+    attempt = CASE WHEN r.attempt < r.max_attempts THEN r.attempt + 1 ELSE r.attempt END,
+    dispatch_seq = CASE WHEN r.attempt < r.max_attempts THEN r.dispatch_seq + 1 ELSE r.dispatch_seq END,
+    error = CASE WHEN r.attempt < r.max_attempts THEN r.error
+        ELSE 'lease expired on attempt ' || r.attempt || ' of ' || r.max_attempts || ': the executor stopped renewing it (crashed, killed or partitioned)' END,
+    finished_at = CASE WHEN r.attempt < r.max_attempts THEN NULL ELSE now() END,
+    queued_at = now(), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+FROM due WHERE r.id = due.id
+RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq, r.status`
+
+// RunsExpireLeases re-queues runs whose lease lapsed (or fails them when their attempts
+// are spent).
+func (s *Store) RunsExpireLeases(ctx context.Context, p SweepParams) ([]LeaseExpiry, error) {
+	rows, err := s.db.Query(ctx, runsExpireLeasesSQL, nowArg(p.Now), p.Limit)
+	if err != nil {
+		return nil, fmt.Errorf("expire leases: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (LeaseExpiry, error) {
+		var e LeaseExpiry
+		err := row.Scan(&e.RunID, &e.Namespace, &e.Workflow, &e.DispatchSeq, &e.Status)
+		return e, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("expire leases: %w", err)
+	}
+	return out, nil
+}
+
+// RedispatchParams bounds one reconcile sweep.
+type RedispatchParams struct {
+	SweepParams
+	StaleAfter time.Duration // QUEUED this long without a claim: the dispatch went missing
+	LiveWithin time.Duration // a worker heartbeating within this serves its workflows
+}
+
+// Uses workflow_runs_queued_age. Only runs a live worker serves are re-dispatched: a run
+// of a workflow nobody serves stays QUEUED (visible as such) instead of piling up
+// doorbells in the task stream.
+const runsRedispatchStaleSQL = `
+WITH due AS (
+    SELECT r.id FROM workflow_runs r
+    WHERE r.status = 'QUEUED'
+      AND r.queued_at <= coalesce($1::timestamptz, now()) - $3::bigint * interval '1 microsecond'
+      AND EXISTS (SELECT 1 FROM workers w
+                  WHERE w.namespace = r.namespace AND r.workflow = ANY (w.workflows)
+                    AND w.heartbeat_at > coalesce($1::timestamptz, now()) - $4::bigint * interval '1 microsecond')
+    ORDER BY r.queued_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE workflow_runs r SET dispatch_seq = r.dispatch_seq + 1, queued_at = now(), updated_at = now()
+FROM due WHERE r.id = due.id
+RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq`
+
+// RunsRedispatchStale re-dispatches runs that sat QUEUED unclaimed for StaleAfter: the
+// relay of the QUEUED-row outbox.
+func (s *Store) RunsRedispatchStale(ctx context.Context, p RedispatchParams) ([]Dispatch, error) {
+	return s.queryDispatches(ctx, "redispatch stale runs", runsRedispatchStaleSQL,
+		nowArg(p.Now), p.Limit, micros(p.StaleAfter), micros(p.LiveWithin))
+}
+
+func (s *Store) queryDispatches(ctx context.Context, what, sql string, args ...any) ([]Dispatch, error) {
+	rows, err := s.db.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (Dispatch, error) {
+		var d Dispatch
+		err := row.Scan(&d.RunID, &d.Namespace, &d.Workflow, &d.DispatchSeq)
+		return d, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", what, err)
+	}
+	return out, nil
+}
+
+// NextDue is when the timer next has work, each nil when there is none of that kind.
+type NextDue struct {
+	DBNow       time.Time
+	Wake        *time.Time // earliest sleeper or retry
+	LeaseExpiry *time.Time // earliest lease expiry
+	Stale       *time.Time // when the oldest QUEUED run becomes stale
+}
+
+// Earliest returns the soonest of the three, or nil.
+func (n NextDue) Earliest() *time.Time {
+	var min *time.Time
+	for _, t := range []*time.Time{n.Wake, n.LeaseExpiry, n.Stale} {
+		if t != nil && (min == nil || t.Before(*min)) {
+			min = t
+		}
+	}
+	return min
+}
+
+// Three index-only probes (the first entry of each partial index) in one round trip.
+const runsNextDueSQL = `
+SELECT now(),
+    (SELECT wake_at FROM workflow_runs WHERE status = 'SLEEPING' ORDER BY wake_at LIMIT 1),
+    (SELECT lease_expires_at FROM workflow_runs WHERE status = 'RUNNING' ORDER BY lease_expires_at LIMIT 1),
+    (SELECT queued_at + $1::bigint * interval '1 microsecond' FROM workflow_runs WHERE status = 'QUEUED' ORDER BY queued_at LIMIT 1)`
+
+// RunsNextDue tells the timer when to look again.
+func (s *Store) RunsNextDue(ctx context.Context, staleAfter time.Duration) (NextDue, error) {
+	var n NextDue
+	err := s.db.QueryRow(ctx, runsNextDueSQL, micros(staleAfter)).Scan(&n.DBNow, &n.Wake, &n.LeaseExpiry, &n.Stale)
+	if err != nil {
+		return n, fmt.Errorf("read next due times: %w", err)
+	}
+	return n, nil
+}
+
+const runGetSQL = `
+SELECT id::text, namespace, workflow, version, status, input, output, coalesce(error, ''), idempotency_key,
+    attempt, max_attempts, wake_at, created_at, updated_at, started_at, finished_at
+FROM workflow_runs WHERE id = $1 AND namespace = $2`
+
+// RunGet reads a run and its steps. wire.ErrRunNotFound when the namespace has no such run.
+func (s *Store) RunGet(ctx context.Context, namespace string, id wire.RunID) (wire.RunInfo, error) {
+	var r wire.RunInfo
+	var input, output []byte
+	if !wire.ValidRunID(id) {
+		return r, fmt.Errorf("get run %q: %w", id, wire.ErrRunNotFound)
+	}
+	b := &pgx.Batch{}
+	b.Queue(runGetSQL, id, namespace)
+	b.Queue(stepsLoadSQL, id)
+	br := s.db.SendBatch(ctx, b)
+	defer br.Close()
+	err := br.QueryRow().Scan(&r.ID, &r.Namespace, &r.Workflow, &r.Version, &r.Status, &input, &output, &r.Error,
+		&r.IdempotencyKey, &r.Attempt, &r.MaxAttempts, &r.WakeAt, &r.CreatedAt, &r.UpdatedAt, &r.StartedAt, &r.FinishedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return r, fmt.Errorf("get run %s: %w", id, wire.ErrRunNotFound)
+	}
+	if err != nil {
+		return r, fmt.Errorf("get run %s: %w", id, err)
+	}
+	r.Input, r.Output = input, output
+	rows, err := br.Query()
+	if err != nil {
+		return r, fmt.Errorf("get steps of run %s: %w", id, err)
+	}
+	steps, err := scanSteps(rows)
+	if err != nil {
+		return r, fmt.Errorf("get steps of run %s: %w", id, err)
+	}
+	for _, st := range steps {
+		r.Steps = append(r.Steps, st.Info())
+	}
+	return r, nil
+}

@@ -1,0 +1,103 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// Step is one recorded step of a run.
+type Step struct {
+	Key       string
+	Seq       int
+	Kind      wire.StepKind
+	Status    string // COMPLETED or FAILED
+	Output    []byte
+	Error     string
+	Attempt   int
+	WakeAt    *time.Time
+	CreatedAt time.Time
+}
+
+// Info is the step as callers see it.
+func (s Step) Info() wire.StepInfo {
+	return wire.StepInfo{Key: s.Key, Seq: s.Seq, Kind: s.Kind, Status: s.Status, Output: s.Output,
+		Error: s.Error, WakeAt: s.WakeAt, CreatedAt: s.CreatedAt}
+}
+
+// Uses the step_runs primary key (run_id, step_key) prefix.
+const stepsLoadSQL = `
+SELECT step_key, seq, kind, status, output, coalesce(error, ''), attempt, wake_at, created_at
+FROM step_runs WHERE run_id = $1 ORDER BY seq`
+
+func scanSteps(rows pgx.Rows) ([]Step, error) {
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (Step, error) {
+		var st Step
+		err := row.Scan(&st.Key, &st.Seq, &st.Kind, &st.Status, &st.Output, &st.Error, &st.Attempt, &st.WakeAt, &st.CreatedAt)
+		return st, err
+	})
+}
+
+// StepsLoad reads every recorded step of a run in sequence order.
+func (s *Store) StepsLoad(ctx context.Context, runID wire.RunID) ([]Step, error) {
+	rows, err := s.db.Query(ctx, stepsLoadSQL, runID)
+	if err != nil {
+		return nil, fmt.Errorf("load steps of run %s: %w", runID, err)
+	}
+	steps, err := scanSteps(rows)
+	if err != nil {
+		return nil, fmt.Errorf("load steps of run %s: %w", runID, err)
+	}
+	return steps, nil
+}
+
+// StepInsertParams records one step result under a fence.
+type StepInsertParams struct {
+	FencedParams
+	Key     string
+	Seq     int
+	Kind    wire.StepKind
+	Status  string // COMPLETED, or FAILED for a terminal step error
+	Output  []byte
+	Error   string
+	Attempt int
+}
+
+// The run row is locked FOR SHARE with the fence condition in the same statement: a
+// concurrent claim (which bumps the fence) either waits for this insert to commit or
+// makes the condition fail on re-check, so a stale executor can never record a step.
+const stepInsertSQL = `
+INSERT INTO step_runs (run_id, step_key, seq, kind, status, output, error, attempt)
+SELECT r.id, $3, $4, $5, $6, $7, nullif($8, ''), $9
+FROM (SELECT id FROM workflow_runs WHERE id = $1 AND fence = $2 AND status = 'RUNNING' FOR SHARE) r`
+
+// StepInsert records a step result. wire.ErrLeaseLost when the fence is stale; a second
+// record of the same key is an error (the fence makes it impossible short of a bug).
+func (s *Store) StepInsert(ctx context.Context, p StepInsertParams) error {
+	if p.Status == "" {
+		p.Status = "COMPLETED"
+	}
+	if p.Attempt <= 0 {
+		p.Attempt = 1
+	}
+	tag, err := s.db.Exec(ctx, stepInsertSQL, p.RunID, p.Fence, p.Key, p.Seq, p.Kind, p.Status, p.Output, p.Error, p.Attempt)
+	if err != nil {
+		if isUniqueViolation(err) {
+			return fmt.Errorf("record step %q of run %s: %w", p.Key, p.RunID, ErrStepExists)
+		}
+		return fmt.Errorf("record step %q of run %s: %w", p.Key, p.RunID, err)
+	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("record step %q of run %s (fence %d): %w", p.Key, p.RunID, p.Fence, wire.ErrLeaseLost)
+	}
+	return nil
+}
+
+// ErrStepExists means a step key was recorded twice for one run.
+var ErrStepExists = errors.New("step already recorded")
+

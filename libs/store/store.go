@@ -1,0 +1,72 @@
+// Package store holds all of Kagzi's SQL. One file per table family (runs.go, steps.go,
+// workers.go); queries are named entity-first and take a params struct. Rows become
+// domain types here, and pgx.ErrNoRows and unique violations become Kagzi's errors here,
+// so no other package sees pgx errors or SQL.
+//
+// Every executor write is fenced: it names the run, the fence the executor claimed with
+// and status RUNNING in the same statement, and zero rows means wire.ErrLeaseLost.
+// Every time-dependent query takes an optional Now so tests pin the database clock.
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// DBTX is what queries run on: a *pgxpool.Pool, a *pgx.Conn or a pgx.Tx.
+type DBTX interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+	SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults
+}
+
+// Store runs Kagzi's queries on a DBTX.
+type Store struct {
+	db DBTX
+}
+
+// New returns a Store over db.
+func New(db DBTX) *Store { return &Store{db: db} }
+
+// Connect opens a pool for the services' runtime role. The settings below the pool are
+// chosen for a queue workload: many short statements, prepared once per connection.
+func Connect(ctx context.Context, databaseURL string, maxConns int32) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(databaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("parse database url: %w", err)
+	}
+	if maxConns > 0 {
+		cfg.MaxConns = maxConns
+	}
+	cfg.MaxConnIdleTime = 5 * time.Minute
+	cfg.HealthCheckPeriod = 30 * time.Second
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("open database pool: %w", err)
+	}
+	return pool, nil
+}
+
+const pgUniqueViolation = "23505"
+
+func isUniqueViolation(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == pgUniqueViolation
+}
+
+// nowArg passes an injected clock to a query, or NULL for the database clock.
+func nowArg(now *time.Time) any {
+	if now == nil {
+		return nil
+	}
+	return *now
+}
+
+func micros(d time.Duration) int64 { return d.Microseconds() }

@@ -1,0 +1,190 @@
+package store_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/kagzi/kagzi/libs/store"
+	"github.com/kagzi/kagzi/libs/testkit"
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+func newStore(t *testing.T) (*store.Store, *pgxpool.Pool) {
+	t.Helper()
+	url := testkit.NewDatabase(t)
+	pool, err := store.Connect(context.Background(), url, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return store.New(pool), pool
+}
+
+func insertRun(t *testing.T, s *store.Store, key string) store.RunInsertResult {
+	t.Helper()
+	res, err := s.RunInsert(context.Background(), store.RunInsertParams{
+		ID: wire.NewRunID(), Namespace: "default", Workflow: "wf", Input: []byte(`{"a":1}`), IdempotencyKey: key,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
+func claim(t *testing.T, s *store.Store, d store.Dispatch, owner string) (store.ClaimedRun, bool) {
+	t.Helper()
+	run, ok, err := s.RunClaim(context.Background(), store.RunClaimParams{
+		RunID: d.RunID, DispatchSeq: d.DispatchSeq, Namespace: d.Namespace, Workflow: d.Workflow, Owner: owner, Lease: time.Minute,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return run, ok
+}
+
+func TestRunInsertIdempotent(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	ctx := context.Background()
+	first := insertRun(t, s, "k1")
+	again, err := s.RunInsert(ctx, store.RunInsertParams{ID: wire.NewRunID(), Namespace: "default", Workflow: "wf", Input: []byte(`{"a":1}`), IdempotencyKey: "k1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !again.Existing || again.RunID != first.RunID {
+		t.Fatalf("second insert = %+v, want existing run %s", again, first.RunID)
+	}
+	_, err = s.RunInsert(ctx, store.RunInsertParams{ID: wire.NewRunID(), Namespace: "default", Workflow: "wf", Input: []byte(`{"a":2}`), IdempotencyKey: "k1"})
+	if !errors.Is(err, wire.ErrIdempotencyConflict) {
+		t.Fatalf("different input: err = %v, want ErrIdempotencyConflict", err)
+	}
+}
+
+func TestClaimFenceAndSteps(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	ctx := context.Background()
+	d := insertRun(t, s, "k").Dispatch
+
+	// A stale or forged doorbell claims nothing.
+	stale := d
+	stale.DispatchSeq = 7
+	if _, ok := claim(t, s, stale, "a"); ok {
+		t.Fatal("claim with a wrong dispatch_seq succeeded")
+	}
+	run, ok := claim(t, s, d, "a")
+	if !ok || run.Fence != 1 || run.Attempt != 1 || string(run.Input) != `{"a":1}` {
+		t.Fatalf("claim = %+v ok=%v", run, ok)
+	}
+	if _, ok := claim(t, s, d, "b"); ok {
+		t.Fatal("second claim of the same dispatch succeeded")
+	}
+	fp := store.FencedParams{RunID: run.ID, Fence: run.Fence}
+	if err := s.StepInsert(ctx, store.StepInsertParams{FencedParams: fp, Key: "s1", Seq: 0, Kind: wire.StepKindStep, Output: []byte(`1`)}); err != nil {
+		t.Fatal(err)
+	}
+	stalefp := store.FencedParams{RunID: run.ID, Fence: run.Fence - 1}
+	if err := s.StepInsert(ctx, store.StepInsertParams{FencedParams: stalefp, Key: "s2", Seq: 1, Kind: wire.StepKindStep}); !errors.Is(err, wire.ErrLeaseLost) {
+		t.Fatalf("stale fence step insert err = %v, want ErrLeaseLost", err)
+	}
+	if err := s.StepInsert(ctx, store.StepInsertParams{FencedParams: fp, Key: "s1", Seq: 1, Kind: wire.StepKindStep}); !errors.Is(err, store.ErrStepExists) {
+		t.Fatalf("duplicate step err = %v", err)
+	}
+
+	// Sleep, wake with a pinned clock, re-claim: the steps come back with the claim.
+	wake, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: fp, StepKey: "nap", Seq: 1, Duration: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if due, err := s.RunsWakeDue(ctx, store.SweepParams{Limit: 10}); err != nil || len(due) != 0 {
+		t.Fatalf("wake before due = %v, %v", due, err)
+	}
+	later := wake.Add(time.Millisecond)
+	due, err := s.RunsWakeDue(ctx, store.SweepParams{Now: &later, Limit: 10})
+	if err != nil || len(due) != 1 || due[0].DispatchSeq != 2 {
+		t.Fatalf("wake at due = %+v, %v", due, err)
+	}
+	if err := s.RunComplete(ctx, fp, []byte(`"late"`)); !errors.Is(err, wire.ErrLeaseLost) {
+		t.Fatalf("complete after sleep err = %v, want ErrLeaseLost", err)
+	}
+	run2, ok := claim(t, s, due[0], "b")
+	if !ok || run2.Fence != 2 || len(run2.Steps) != 2 || run2.Steps[1].Kind != wire.StepKindSleep || !run2.Steps[1].WakeAt.Equal(wake) {
+		t.Fatalf("re-claim = %+v ok=%v", run2, ok)
+	}
+	fp2 := store.FencedParams{RunID: run.ID, Fence: run2.Fence}
+	if err := s.RunComplete(ctx, fp2, []byte(`"done"`)); err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.RunGet(ctx, "default", run.ID)
+	if err != nil || info.Status != wire.StatusCompleted || string(info.Output) != `"done"` || len(info.Steps) != 2 {
+		t.Fatalf("get = %+v, %v", info, err)
+	}
+	if _, err := s.RunGet(ctx, "other", run.ID); !errors.Is(err, wire.ErrRunNotFound) {
+		t.Fatalf("get from another namespace err = %v", err)
+	}
+}
+
+func TestLeaseExpiryAndRetries(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	ctx := context.Background()
+	d := insertRun(t, s, "k").Dispatch
+	for attempt := 1; attempt <= 5; attempt++ {
+		run, ok := claim(t, s, d, "a")
+		if !ok || run.Attempt != attempt {
+			t.Fatalf("attempt %d: claim = %+v ok=%v", attempt, run, ok)
+		}
+		kept, err := s.RunsExtendLeases(ctx, "a", time.Minute, []store.Held{{RunID: run.ID, Fence: run.Fence}, {RunID: run.ID, Fence: run.Fence - 1}})
+		if err != nil || len(kept) != 1 {
+			t.Fatalf("extend = %v, %v", kept, err)
+		}
+		future := time.Now().Add(2 * time.Minute)
+		exp, err := s.RunsExpireLeases(ctx, store.SweepParams{Now: &future, Limit: 10})
+		if err != nil || len(exp) != 1 {
+			t.Fatalf("expire = %+v, %v", exp, err)
+		}
+		if attempt < 5 {
+			if exp[0].Status != wire.StatusQueued {
+				t.Fatalf("attempt %d: status %s", attempt, exp[0].Status)
+			}
+			d = exp[0].Dispatch
+		} else if exp[0].Status != wire.StatusFailed {
+			t.Fatalf("last attempt: status %s, want FAILED", exp[0].Status)
+		}
+	}
+
+	d = insertRun(t, s, "k2").Dispatch
+	run, _ := claim(t, s, d, "a")
+	res, err := s.RunFail(ctx, store.RunFailParams{FencedParams: store.FencedParams{RunID: run.ID, Fence: run.Fence}, Error: "boom", Retry: true, Backoff: time.Second})
+	if err != nil || res.Status != wire.StatusSleeping || res.Attempt != 2 || res.WakeAt == nil {
+		t.Fatalf("fail with retry = %+v, %v", res, err)
+	}
+	next, err := s.RunsNextDue(ctx, time.Minute)
+	if err != nil || next.Wake == nil || !next.Wake.Equal(*res.WakeAt) {
+		t.Fatalf("next due = %+v, %v", next, err)
+	}
+}
+
+func TestRedispatchOnlyServedWorkflows(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	ctx := context.Background()
+	insertRun(t, s, "k")
+	later := time.Now().Add(time.Hour)
+	p := store.RedispatchParams{SweepParams: store.SweepParams{Now: &later, Limit: 10}, StaleAfter: time.Minute, LiveWithin: 2 * time.Hour}
+	got, err := s.RunsRedispatchStale(ctx, p)
+	if err != nil || len(got) != 0 {
+		t.Fatalf("redispatch with no worker = %v, %v", got, err)
+	}
+	if err := s.WorkerHeartbeat(ctx, store.Worker{ID: "w1", Namespace: "default", Workflows: []string{"wf"}}); err != nil {
+		t.Fatal(err)
+	}
+	got, err = s.RunsRedispatchStale(ctx, p)
+	if err != nil || len(got) != 1 || got[0].DispatchSeq != 2 {
+		t.Fatalf("redispatch = %+v, %v", got, err)
+	}
+}

@@ -1,0 +1,49 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// Worker is an executor's announcement of itself.
+type Worker struct {
+	ID        string
+	Namespace string
+	Workflows []string
+	Hostname  string
+	PID       int
+}
+
+const workerHeartbeatSQL = `
+INSERT INTO workers (id, namespace, workflows, hostname, pid)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (id) DO UPDATE SET workflows = EXCLUDED.workflows, heartbeat_at = now()`
+
+// WorkerHeartbeat registers the worker or renews its heartbeat.
+func (s *Store) WorkerHeartbeat(ctx context.Context, w Worker) error {
+	if _, err := s.db.Exec(ctx, workerHeartbeatSQL, w.ID, w.Namespace, w.Workflows, w.Hostname, w.PID); err != nil {
+		return fmt.Errorf("heartbeat worker %s: %w", w.ID, err)
+	}
+	return nil
+}
+
+// WorkerDelete removes a worker that stopped cleanly.
+func (s *Store) WorkerDelete(ctx context.Context, id string) error {
+	if _, err := s.db.Exec(ctx, `DELETE FROM workers WHERE id = $1`, id); err != nil {
+		return fmt.Errorf("delete worker %s: %w", id, err)
+	}
+	return nil
+}
+
+// Uses workers_heartbeat.
+const workersPruneSQL = `DELETE FROM workers WHERE heartbeat_at < now() - $1::bigint * interval '1 microsecond'`
+
+// WorkersPrune forgets workers silent for longer than olderThan.
+func (s *Store) WorkersPrune(ctx context.Context, olderThan time.Duration) (int64, error) {
+	tag, err := s.db.Exec(ctx, workersPruneSQL, micros(olderThan))
+	if err != nil {
+		return 0, fmt.Errorf("prune workers: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}

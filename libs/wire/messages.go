@@ -1,0 +1,93 @@
+package wire
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// DefaultNamespace is used when a request names none.
+const DefaultNamespace = "default"
+
+// StartRequest asks a scheduler to start a run. It is the JSON body on
+// kagzi.start.<workflow> (request-reply) and kagzi.submit.<workflow> (JetStream).
+type StartRequest struct {
+	Namespace string          `json:"namespace,omitempty"` // default "default"
+	Input     json.RawMessage `json:"input"`               // any JSON value; null when absent
+	// IdempotencyKey makes the start idempotent: a second start with the same key and
+	// input returns the first run; with another input it fails with idempotency_conflict.
+	IdempotencyKey string `json:"idempotency_key,omitempty"`
+	// RequestID identifies this request so that a retried or redelivered request
+	// creates one run. Clients set it when the caller gave no idempotency key.
+	RequestID   string `json:"request_id,omitempty"`
+	Version     string `json:"version,omitempty"`
+	MaxAttempts int    `json:"max_attempts,omitempty"` // default 5
+}
+
+// StartReply answers a request-reply start: the run id, or an error and no run.
+type StartReply struct {
+	RunID    RunID  `json:"run_id,omitempty"`
+	Existing bool   `json:"existing,omitempty"` // the key already named this run
+	Error    *Error `json:"error,omitempty"`
+}
+
+// Task is a doorbell: it carries ids only. PostgreSQL says what to do.
+type Task struct {
+	RunID       RunID `json:"run_id"`
+	DispatchSeq int64 `json:"dispatch_seq"`
+}
+
+// RunDone announces that a run reached a terminal status.
+type RunDone struct {
+	RunID  RunID  `json:"run_id"`
+	Status Status `json:"status"`
+}
+
+// TimerHint tells timers that a run will need them at WakeAt.
+type TimerHint struct {
+	WakeAt time.Time `json:"wake_at"`
+}
+
+// DescribeRequest reads one run.
+type DescribeRequest struct {
+	Namespace string `json:"namespace,omitempty"`
+	RunID     RunID  `json:"run_id"`
+}
+
+// DescribeReply carries a run and its steps, or an error.
+type DescribeReply struct {
+	Run   *RunInfo `json:"run,omitempty"`
+	Error *Error   `json:"error,omitempty"`
+}
+
+// RunInfo is a run as callers see it.
+type RunInfo struct {
+	ID             RunID           `json:"id"`
+	Namespace      string          `json:"namespace"`
+	Workflow       string          `json:"workflow"`
+	Version        string          `json:"version,omitempty"`
+	Status         Status          `json:"status"`
+	Input          json.RawMessage `json:"input,omitempty"`
+	Output         json.RawMessage `json:"output,omitempty"`
+	Error          string          `json:"error,omitempty"`
+	IdempotencyKey string          `json:"idempotency_key,omitempty"`
+	Attempt        int             `json:"attempt"`
+	MaxAttempts    int             `json:"max_attempts"`
+	WakeAt         *time.Time      `json:"wake_at,omitempty"`
+	CreatedAt      time.Time       `json:"created_at"`
+	UpdatedAt      time.Time       `json:"updated_at"`
+	StartedAt      *time.Time      `json:"started_at,omitempty"`
+	FinishedAt     *time.Time      `json:"finished_at,omitempty"`
+	Steps          []StepInfo      `json:"steps,omitempty"`
+}
+
+// StepInfo is one recorded step.
+type StepInfo struct {
+	Key       string          `json:"key"`
+	Seq       int             `json:"seq"`
+	Kind      StepKind        `json:"kind"`
+	Status    string          `json:"status"`
+	Output    json.RawMessage `json:"output,omitempty"`
+	Error     string          `json:"error,omitempty"`
+	WakeAt    *time.Time      `json:"wake_at,omitempty"`
+	CreatedAt time.Time       `json:"created_at"`
+}

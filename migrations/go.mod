@@ -1,0 +1,3 @@
+module github.com/kagzi/kagzi/migrations
+
+go 1.26

@@ -1,0 +1,3 @@
+module github.com/kagzi/kagzi/services
+
+go 1.26
