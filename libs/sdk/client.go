@@ -1,0 +1,202 @@
+package sdk
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// RunInfo is a run and its recorded steps, as Describe returns it.
+type RunInfo = wire.RunInfo
+
+// Client starts runs and reads their state over NATS. It needs no database access, so it
+// can live in any service (or be written in any language: the wire format is JSON).
+type Client struct {
+	nc        *nats.Conn
+	namespace string
+	timeout   time.Duration
+	limits    wire.Limits
+}
+
+// ClientOption configures a Client.
+type ClientOption func(*Client)
+
+// WithNamespace sets the namespace runs are started in and read from (default "default").
+func WithNamespace(ns string) ClientOption { return func(c *Client) { c.namespace = ns } }
+
+// WithRequestTimeout bounds one request to the scheduler (default 10s). Start retries a
+// timed-out request with the same request id, so a retry never makes a second run.
+func WithRequestTimeout(d time.Duration) ClientOption { return func(c *Client) { c.timeout = d } }
+
+// NewClient returns a client on an open NATS connection.
+func NewClient(nc *nats.Conn, opts ...ClientOption) *Client {
+	c := &Client{nc: nc, namespace: wire.DefaultNamespace, timeout: 10 * time.Second, limits: wire.DefaultLimits()}
+	for _, o := range opts {
+		o(c)
+	}
+	return c
+}
+
+// StartOption configures one start.
+type StartOption func(*wire.StartRequest)
+
+// IdempotencyKey makes the start idempotent: starting again with the same key (and the
+// same input) returns the run the first start made. The same key with another input is
+// ErrIdempotencyConflict.
+func IdempotencyKey(key string) StartOption {
+	return func(r *wire.StartRequest) { r.IdempotencyKey = key }
+}
+
+// MaxAttempts bounds the run's attempts (default 5). An exhausted run ends FAILED.
+func MaxAttempts(n int) StartOption { return func(r *wire.StartRequest) { r.MaxAttempts = n } }
+
+// Run is a handle on a started run with a typed result.
+type Run[O any] struct {
+	ID     string
+	client *Client
+}
+
+// Start starts a run of the workflow and returns once the scheduler has committed it.
+func (d *WorkflowDef[I, O]) Start(ctx context.Context, c *Client, in I, opts ...StartOption) (*Run[O], error) {
+	id, err := c.StartByName(ctx, d.name, in, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return &Run[O]{ID: id, client: c}, nil
+}
+
+// Result waits for the run to finish and returns its output; a run that ended FAILED or
+// CANCELLED gives a *RunFailedError.
+func (r *Run[O]) Result(ctx context.Context) (O, error) {
+	var out O
+	info, err := r.client.Wait(ctx, r.ID)
+	if err != nil {
+		return out, err
+	}
+	if info.Status != wire.StatusCompleted {
+		return out, &RunFailedError{RunID: info.ID, Status: info.Status, Attempt: info.Attempt, Message: info.Error}
+	}
+	if err := json.Unmarshal(info.Output, &out); err != nil {
+		return out, fmt.Errorf("decode output of run %s: %w", r.ID, err)
+	}
+	return out, nil
+}
+
+// Describe reads the run and its steps.
+func (r *Run[O]) Describe(ctx context.Context) (*RunInfo, error) { return r.client.Describe(ctx, r.ID) }
+
+// StartByName starts a run of the named workflow with any JSON-encodable input. It
+// returns the run id once the run row is committed. A request that times out is retried
+// with the same request id until ctx ends, so at most one run is made.
+func (c *Client) StartByName(ctx context.Context, workflow string, input any, opts ...StartOption) (string, error) {
+	if err := wire.ValidateName("workflow", workflow); err != nil {
+		return "", err
+	}
+	data, err := json.Marshal(input)
+	if err != nil {
+		return "", wire.Errorf(wire.ErrInvalidArgument, "encode input: %v", err)
+	}
+	if len(data) > c.limits.MaxInputBytes {
+		return "", wire.Errorf(wire.ErrPayloadTooLarge, "input is %d bytes, over the limit of %d", len(data), c.limits.MaxInputBytes)
+	}
+	req := wire.StartRequest{Namespace: c.namespace, Input: data, RequestID: wire.NewRunID()}
+	for _, o := range opts {
+		o(&req)
+	}
+	body, err := json.Marshal(req)
+	if err != nil {
+		return "", fmt.Errorf("encode start request: %w", err)
+	}
+	var reply wire.StartReply
+	if err := c.request(ctx, wire.StartSubject(workflow), body, &reply); err != nil {
+		return "", fmt.Errorf("start %s: %w", workflow, err)
+	}
+	if reply.Error != nil {
+		return "", fmt.Errorf("start %s: %w", workflow, reply.Error)
+	}
+	return reply.RunID, nil
+}
+
+// Describe reads a run and its steps. ErrRunNotFound when the namespace has no such run.
+func (c *Client) Describe(ctx context.Context, runID string) (*RunInfo, error) {
+	body, _ := json.Marshal(wire.DescribeRequest{Namespace: c.namespace, RunID: runID})
+	var reply wire.DescribeReply
+	if err := c.request(ctx, wire.DescribeSubject, body, &reply); err != nil {
+		return nil, fmt.Errorf("describe run %s: %w", runID, err)
+	}
+	if reply.Error != nil {
+		return nil, fmt.Errorf("describe run %s: %w", runID, reply.Error)
+	}
+	return reply.Run, nil
+}
+
+// Wait blocks until the run is finished and returns it. It listens for the run's
+// completion notice and reads the run when one arrives; a missed notice costs at most
+// the slow re-check interval (a few seconds), never a hot poll.
+func (c *Client) Wait(ctx context.Context, runID string) (*RunInfo, error) {
+	notices := make(chan *nats.Msg, 1)
+	sub, err := c.nc.ChanSubscribe(wire.DoneSubject(runID), notices)
+	if err != nil {
+		return nil, fmt.Errorf("wait for run %s: %w", runID, err)
+	}
+	defer sub.Unsubscribe() //nolint:errcheck // nothing to do about a failed unsubscribe
+	recheck := 500 * time.Millisecond
+	for {
+		info, err := c.Describe(ctx, runID)
+		if err != nil {
+			return nil, err
+		}
+		if info.Status.Terminal() {
+			return info, nil
+		}
+		t := time.NewTimer(recheck)
+		select {
+		case <-notices:
+		case <-t.C:
+			recheck = min(recheck*2, 5*time.Second)
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("wait for run %s: %w", runID, ctx.Err())
+		}
+		t.Stop()
+	}
+}
+
+// request sends a request and decodes the reply, retrying while no scheduler answers
+// (none up yet, or one restarting) until ctx ends.
+func (c *Client) request(ctx context.Context, subject string, body []byte, reply any) error {
+	wait := 50 * time.Millisecond
+	for {
+		rctx, cancel := context.WithTimeout(ctx, c.timeout)
+		msg, err := c.nc.RequestWithContext(rctx, subject, body)
+		cancel()
+		if err == nil {
+			if err := json.Unmarshal(msg.Data, reply); err != nil {
+				return fmt.Errorf("decode reply: %w", err)
+			}
+			return nil
+		}
+		transient := errors.Is(err, nats.ErrNoResponders) || errors.Is(err, context.DeadlineExceeded) ||
+			errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrDisconnected) || errors.Is(err, nats.ErrConnectionReconnecting)
+		if !transient || ctx.Err() != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
+			}
+			return fmt.Errorf("%w: %v", wire.ErrUnavailable, err)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
+		}
+		wait = min(wait*2, time.Second)
+	}
+}

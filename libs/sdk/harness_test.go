@@ -1,0 +1,188 @@
+package sdk_test
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/sdk"
+	"github.com/kagzi/kagzi/libs/store"
+	"github.com/kagzi/kagzi/libs/testkit"
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// env is a real PostgreSQL database and a real NATS server, plus minimal stand-ins for
+// the scheduler's start handling and the timer's sweeps so the SDK can be tested without
+// the services module (which has its own end-to-end suite over the real services).
+type env struct {
+	pool *pgxpool.Pool
+	nc   *nats.Conn
+	st   *store.Store
+	bus  *bus.Bus
+}
+
+func newEnv(t testing.TB) *env {
+	t.Helper()
+	ctx := context.Background()
+	pool, err := store.Connect(ctx, testkit.NewDatabase(t), 16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	ns := testkit.StartNATS(t)
+	nc, err := bus.Connect(bus.ConnOptions{URL: ns.URL(), Name: t.Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	b, err := bus.New(nc, bus.DefaultStreamConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.EnsureStreams(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e := &env{pool: pool, nc: nc, st: store.New(pool), bus: b}
+	e.serveStarts(t)
+	e.runTimer(t)
+	return e
+}
+
+func (e *env) serveStarts(t testing.TB) {
+	sub, err := e.nc.Subscribe(wire.StartSubjectPrefix+"*", func(m *nats.Msg) {
+		var req wire.StartRequest
+		reply := func(r wire.StartReply) { data, _ := json.Marshal(r); _ = m.Respond(data) }
+		if err := json.Unmarshal(m.Data, &req); err != nil {
+			reply(wire.StartReply{Error: wire.ToError(err)})
+			return
+		}
+		key := req.IdempotencyKey
+		if key == "" {
+			key = "request:" + req.RequestID
+		}
+		res, err := e.st.RunInsert(context.Background(), store.RunInsertParams{ID: wire.NewRunID(), Namespace: req.Namespace,
+			Workflow: strings.TrimPrefix(m.Subject, wire.StartSubjectPrefix), Input: req.Input, IdempotencyKey: key, MaxAttempts: req.MaxAttempts})
+		if err != nil {
+			reply(wire.StartReply{Error: wire.ToError(err)})
+			return
+		}
+		reply(wire.StartReply{RunID: res.RunID, Existing: res.Existing})
+		if !res.Existing {
+			e.publish(res.Dispatch)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc, err := e.nc.Subscribe(wire.DescribeSubject, func(m *nats.Msg) {
+		var req wire.DescribeRequest
+		_ = json.Unmarshal(m.Data, &req)
+		info, err := e.st.RunGet(context.Background(), req.Namespace, req.RunID)
+		var r wire.DescribeReply
+		if err != nil {
+			r.Error = wire.ToError(err)
+		} else {
+			r.Run = &info
+		}
+		data, _ := json.Marshal(r)
+		_ = m.Respond(data)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe(); _ = desc.Unsubscribe() })
+}
+
+func (e *env) publish(ds ...store.Dispatch) {
+	bells := make([]bus.Doorbell, len(ds))
+	for i, d := range ds {
+		bells[i] = bus.Doorbell{Namespace: d.Namespace, Workflow: d.Workflow, Task: wire.Task{RunID: d.RunID, DispatchSeq: d.DispatchSeq}}
+	}
+	_ = e.bus.PublishTasks(context.Background(), bells)
+}
+
+// runTimer wakes due sleepers and re-queues expired leases every few milliseconds.
+func (e *env) runTimer(t testing.TB) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			if ds, err := e.st.RunsWakeDue(ctx, store.SweepParams{Limit: 100}); err == nil {
+				e.publish(ds...)
+			}
+			if exp, err := e.st.RunsExpireLeases(ctx, store.SweepParams{Limit: 100}); err == nil {
+				for _, x := range exp {
+					if x.Status == wire.StatusQueued {
+						e.publish(x.Dispatch)
+					}
+				}
+			}
+		}
+	}()
+	t.Cleanup(func() { cancel(); wg.Wait() })
+}
+
+type workerOpt func(*sdk.WorkerConfig)
+
+func (e *env) worker(t testing.TB, defs []sdk.Registration, opts ...workerOpt) *sdk.Worker {
+	t.Helper()
+	cfg := sdk.WorkerConfig{Pool: e.pool, Conn: e.nc, Concurrency: 8, Lease: 2 * time.Second, RetryBackoff: 10 * time.Millisecond, ShutdownGrace: time.Second}
+	if testing.Verbose() {
+		cfg.Logger = slogToStderr()
+	}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	w, err := sdk.NewWorker(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Register(defs...); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = w.Stop(context.Background()) })
+	return w
+}
+
+func (e *env) client() *sdk.Client { return sdk.NewClient(e.nc, sdk.WithRequestTimeout(5*time.Second)) }
+
+func ctxT(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+
+func jetstreamMsgID(id string) jetstream.PublishOpt { return jetstream.WithMsgID(id) }

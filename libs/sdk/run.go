@@ -1,0 +1,236 @@
+package sdk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/kagzi/kagzi/libs/store"
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// unwind is the SDK's internal panic value: it carries a run out of the user's function
+// when the run must stop there (suspended by a sleep, lease lost, or a terminal replay
+// failure). It never crosses the package boundary: execute recovers it.
+type unwind struct {
+	reason unwindReason
+	err    error
+}
+
+type unwindReason int
+
+const (
+	unwindSuspended unwindReason = iota + 1 // run parked (SLEEPING); nothing more to do
+	unwindLeaseLost                         // another executor owns the run now
+	unwindTerminal                          // fail the run, no retry
+)
+
+// runContext is the Context of one claimed run on one executor.
+type runContext struct {
+	context.Context
+	w      *Worker
+	run    store.ClaimedRun
+	def    Registration
+	log    *slog.Logger
+	cancel context.CancelFunc
+
+	seq        int            // next step position
+	seen       map[string]int // occurrences of each user key
+	stateBytes int
+
+	// leaseUntil is the monotonic deadline of the lease as last confirmed by the database
+	// (send time of the confirming statement + lease). Past it the executor must assume
+	// another one holds the run and start no step body: self-fencing without trusting
+	// wall clocks.
+	mu         sync.Mutex
+	leaseUntil time.Time
+	lost       atomic.Bool
+}
+
+func (rc *runContext) RunID() string        { return rc.run.ID }
+func (rc *runContext) Workflow() string     { return rc.run.Workflow }
+func (rc *runContext) Attempt() int         { return rc.run.Attempt }
+func (rc *runContext) Logger() *slog.Logger { return rc.log }
+
+func (rc *runContext) fenced() store.FencedParams {
+	return store.FencedParams{RunID: rc.run.ID, Fence: rc.run.Fence}
+}
+
+func (rc *runContext) confirmLease(sentAt time.Time) {
+	rc.mu.Lock()
+	if until := sentAt.Add(rc.w.cfg.Lease); until.After(rc.leaseUntil) {
+		rc.leaseUntil = until
+	}
+	rc.mu.Unlock()
+}
+
+// leaseValid keeps a margin of a tenth of the lease: a step started just before the
+// deadline would otherwise race the timer that hands the run to someone else.
+func (rc *runContext) leaseValid() bool {
+	if rc.lost.Load() {
+		return false
+	}
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	return time.Now().Before(rc.leaseUntil.Add(-rc.w.cfg.Lease / 10))
+}
+
+func (rc *runContext) loseLease() {
+	if rc.lost.CompareAndSwap(false, true) {
+		rc.w.metrics.leaseLost.Add(1)
+		rc.cancel()
+	}
+}
+
+func (rc *runContext) nextKey(userKey string) (key string, seq int) {
+	rc.seen[userKey]++
+	key = occurrenceKey(userKey, rc.seen[userKey])
+	seq = rc.seq
+	rc.seq++
+	return key, seq
+}
+
+// replayed returns the record at seq when there is one, checking that the workflow
+// reached the same key and kind as the recorded history.
+func (rc *runContext) replayed(key string, seq int, kind wire.StepKind) (store.Step, bool) {
+	rec, ok := recordedAt(rc.run.Steps, seq)
+	if !ok {
+		return rec, false
+	}
+	if rec.Key != key || rec.Kind != kind {
+		panic(unwind{reason: unwindTerminal, err: wire.Errorf(wire.ErrNonDeterminism,
+			"step %d is %s %q in the recorded history but the workflow now reaches %s %q", seq, rec.Kind, rec.Key, kind, key)})
+	}
+	return rec, true
+}
+
+func (rc *runContext) checkNewStep(key string, seq int) {
+	if err := wire.ValidateKey("step key", key); err != nil {
+		panic(unwind{reason: unwindTerminal, err: err})
+	}
+	if seq >= rc.w.cfg.Limits.MaxSteps {
+		panic(unwind{reason: unwindTerminal, err: wire.Errorf(wire.ErrLimitExceeded,
+			"run reached %d steps, the most one run may record", rc.w.cfg.Limits.MaxSteps)})
+	}
+	if !rc.leaseValid() {
+		panic(unwind{reason: unwindLeaseLost, err: wire.ErrLeaseLost})
+	}
+}
+
+// step is the core of Step: replay a record, or run the body and record its result
+// under the fence before returning it.
+func (rc *runContext) step(userKey string, kind wire.StepKind, body func(context.Context) ([]byte, error)) ([]byte, error) {
+	key, seq := rc.nextKey(userKey)
+	if rec, ok := rc.replayed(key, seq, kind); ok {
+		if rec.Status == "FAILED" {
+			return nil, Terminal(fmt.Errorf("step %q failed: %s", key, rec.Error))
+		}
+		return rec.Output, nil
+	}
+	rc.checkNewStep(key, seq)
+
+	out, err := rc.runBody(key, body)
+	if err != nil {
+		return nil, err
+	}
+	if len(out) > rc.w.cfg.Limits.MaxStepOutputBytes {
+		panic(unwind{reason: unwindTerminal, err: wire.Errorf(wire.ErrPayloadTooLarge,
+			"output of step %q is %d bytes, over the limit of %d", key, len(out), rc.w.cfg.Limits.MaxStepOutputBytes)})
+	}
+	if rc.stateBytes+len(out) > rc.w.cfg.Limits.MaxRunStateBytes {
+		panic(unwind{reason: unwindTerminal, err: wire.Errorf(wire.ErrPayloadTooLarge,
+			"run state would reach %d bytes, over the limit of %d", rc.stateBytes+len(out), rc.w.cfg.Limits.MaxRunStateBytes)})
+	}
+	rc.w.failpoint("step.after_body_before_commit")
+	err = rc.w.retryWrite(rc, func(ctx context.Context) error {
+		err := rc.w.store.StepInsert(ctx, store.StepInsertParams{FencedParams: rc.fenced(), Key: key, Seq: seq,
+			Kind: kind, Output: out, Attempt: rc.run.Attempt})
+		if errors.Is(err, store.ErrStepExists) {
+			// Only the fence holder can insert, so an existing row is our own write from
+			// an attempt whose commit was acknowledged ambiguously.
+			return nil
+		}
+		return err
+	})
+	if err != nil {
+		rc.stopOnWriteError(err)
+	}
+	rc.w.failpoint("step.after_commit")
+	rc.stateBytes += len(out)
+	rc.w.metrics.stepsRecorded.Add(1)
+	return out, nil
+}
+
+// runBody calls a step body with the step's idempotency key in its context, turning a
+// panic in user code into an error.
+func (rc *runContext) runBody(key string, body func(context.Context) ([]byte, error)) (out []byte, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			if u, ok := r.(unwind); ok {
+				panic(u) // a nested SDK call unwinding: let it through
+			}
+			err = fmt.Errorf("step %q panicked: %v\n%s", key, r, debug.Stack())
+		}
+	}()
+	ctx := context.WithValue(rc.Context, stepKeyCtx{}, rc.run.ID+"/"+key)
+	return body(ctx)
+}
+
+// stopOnWriteError ends the run's execution on this executor after a write that could not
+// be made: a fenced refusal means someone else owns the run; any other error (database
+// unreachable past the lease) leaves the run to the lease sweep.
+func (rc *runContext) stopOnWriteError(err error) {
+	if errors.Is(err, wire.ErrLeaseLost) {
+		rc.w.metrics.fencedRejected.Add(1)
+	}
+	rc.loseLease()
+	panic(unwind{reason: unwindLeaseLost, err: err})
+}
+
+func (rc *runContext) Sleep(key string, d time.Duration) error {
+	return rc.sleep(key, d, nil)
+}
+
+func (rc *runContext) SleepUntil(key string, t time.Time) error {
+	return rc.sleep(key, 0, &t)
+}
+
+func (rc *runContext) sleep(userKey string, d time.Duration, until *time.Time) error {
+	key, seq := rc.nextKey(userKey)
+	if rec, ok := rc.replayed(key, seq, wire.StepKindSleep); ok {
+		// rc.run.DBNow is the database clock at the claim: the same clock that set wake_at.
+		if rec.WakeAt == nil || !rec.WakeAt.After(rc.run.DBNow) {
+			return nil
+		}
+		rc.park(key, seq, 0, rec.WakeAt) // claimed before the wake time (a stray doorbell): sleep on
+	}
+	rc.checkNewStep(key, seq)
+	if until == nil && d <= 0 {
+		until = &rc.run.DBNow // a zero sleep parks like any other and is due at once
+	}
+	rc.park(key, seq, d, until)
+	return nil
+}
+
+// park records the sleep and the SLEEPING status in one fenced statement, then unwinds:
+// the timer will queue the run again at its wake time.
+func (rc *runContext) park(key string, seq int, d time.Duration, until *time.Time) {
+	var wakeAt time.Time
+	err := rc.w.retryWrite(rc, func(ctx context.Context) error {
+		var err error
+		wakeAt, err = rc.w.store.RunSleep(ctx, store.RunSleepParams{FencedParams: rc.fenced(), StepKey: key, Seq: seq,
+			Duration: d, Until: until})
+		return err
+	})
+	if err != nil {
+		rc.stopOnWriteError(err)
+	}
+	rc.w.failpoint("sleep.after_commit_before_release")
+	rc.w.bus.PublishTimerHint(wakeAt)
+	panic(unwind{reason: unwindSuspended})
+}

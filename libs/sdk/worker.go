@@ -1,0 +1,633 @@
+package sdk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/store"
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// WorkerConfig configures a Worker. Pool and Conn are required; everything else has a
+// default.
+type WorkerConfig struct {
+	Pool *pgxpool.Pool // the executor's PostgreSQL pool
+	Conn *nats.Conn    // the executor's NATS connection
+
+	Namespace     string        // default "default"
+	Concurrency   int           // runs executed at once; default 64
+	Lease         time.Duration // how long a claim holds a run without renewal; default 30s
+	ShutdownGrace time.Duration // Stop waits this long for runs to finish before handing them back; default 25s
+	RetryBackoff  time.Duration // first retry delay after a failed attempt, doubling; default 1s
+	MaxBackoff    time.Duration // cap of the retry delay; default 5m
+	Consumer      bus.ConsumerConfig
+	Limits        wire.Limits
+	Logger        *slog.Logger // default: discard
+	ID            string       // default: hostname-pid-random
+	// SkipSchemaCheck skips the start-up check that the database schema is at least as
+	// new as this SDK. Services that migrate at start-up check by migrating.
+	SkipSchemaCheck bool
+}
+
+func (c *WorkerConfig) setDefaults() error {
+	if c.Pool == nil || c.Conn == nil {
+		return wire.Errorf(wire.ErrInvalidArgument, "worker config needs Pool and Conn")
+	}
+	if c.Namespace == "" {
+		c.Namespace = wire.DefaultNamespace
+	}
+	if err := wire.ValidateName("namespace", c.Namespace); err != nil {
+		return err
+	}
+	if c.Concurrency <= 0 {
+		c.Concurrency = 64
+	}
+	if c.Lease <= 0 {
+		c.Lease = 30 * time.Second
+	}
+	if c.Lease < 300*time.Millisecond {
+		return wire.Errorf(wire.ErrInvalidArgument, "lease %s is shorter than 300ms", c.Lease)
+	}
+	if c.ShutdownGrace <= 0 {
+		c.ShutdownGrace = 25 * time.Second
+	}
+	if c.RetryBackoff <= 0 {
+		c.RetryBackoff = time.Second
+	}
+	if c.MaxBackoff <= 0 {
+		c.MaxBackoff = 5 * time.Minute
+	}
+	if c.Consumer == (bus.ConsumerConfig{}) {
+		c.Consumer = bus.DefaultConsumerConfig()
+	}
+	if c.Limits == (wire.Limits{}) {
+		c.Limits = wire.DefaultLimits()
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.ID == "" {
+		host, _ := os.Hostname()
+		c.ID = fmt.Sprintf("%s-%d-%s", host, os.Getpid(), wire.NewRunID()[24:])
+	}
+	return nil
+}
+
+// WorkerStats counts what a Worker did since it started.
+type WorkerStats struct {
+	Claimed        int64 // runs claimed
+	ClaimNoops     int64 // doorbells that claimed nothing (stale, duplicate or forged)
+	Poison         int64 // task messages that were not tasks, terminated
+	StepsRecorded  int64
+	Completed      int64
+	Failed         int64 // runs that ended FAILED here
+	Retried        int64 // attempts that ended in a durable retry
+	FencedRejected int64 // writes refused because another executor holds the run
+	LeaseLost      int64 // runs dropped because their lease was lost
+	Released       int64 // runs handed back at shutdown
+	InFlight       int64
+}
+
+type workerMetrics struct {
+	claimed, claimNoops, poison, stepsRecorded, completed, failed, retried atomic.Int64
+	fencedRejected, leaseLost, released, inFlight                           atomic.Int64
+}
+
+// Worker hosts workflows: it pulls doorbells from the shared JetStream consumer of each
+// workflow it serves, claims runs with a fenced lease and replays them.
+type Worker struct {
+	cfg     WorkerConfig
+	store   *store.Store
+	bus     *bus.Bus
+	log     *slog.Logger
+	defs    map[string]Registration
+	slots   chan struct{}
+	metrics workerMetrics
+
+	mu       sync.Mutex
+	held     map[wire.RunID]*runContext
+	started  bool
+	stopOnce sync.Once
+	cancelFetch     context.CancelFunc
+	cancelHeartbeat context.CancelFunc
+	loops           sync.WaitGroup // fetch loops
+	heartbeats      sync.WaitGroup // the lease heartbeat, which outlives the fetch loops
+	runs     sync.WaitGroup // executing runs
+}
+
+// NewWorker makes a Worker; call Register, then Start.
+func NewWorker(cfg WorkerConfig) (*Worker, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	b, err := bus.New(cfg.Conn, bus.DefaultStreamConfig())
+	if err != nil {
+		return nil, err
+	}
+	return &Worker{
+		cfg:    cfg,
+		store:  store.New(cfg.Pool),
+		bus:    b,
+		log:    cfg.Logger.With("worker_id", cfg.ID, "namespace", cfg.Namespace),
+		defs:   map[string]Registration{},
+		slots:  make(chan struct{}, cfg.Concurrency),
+		held:   map[wire.RunID]*runContext{},
+	}, nil
+}
+
+// ID is the worker's id, as stored in lease_owner.
+func (w *Worker) ID() string { return w.cfg.ID }
+
+// Register adds workflows. Call it before Start.
+func (w *Worker) Register(defs ...Registration) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.started {
+		return fmt.Errorf("register workflows: worker already started")
+	}
+	for _, d := range defs {
+		if err := wire.ValidateName("workflow", d.Name()); err != nil {
+			return err
+		}
+		if _, dup := w.defs[d.Name()]; dup {
+			return wire.Errorf(wire.ErrInvalidArgument, "workflow %q registered twice", d.Name())
+		}
+		w.defs[d.Name()] = d
+	}
+	return nil
+}
+
+// Stats returns the worker's counters.
+func (w *Worker) Stats() WorkerStats {
+	m := &w.metrics
+	return WorkerStats{Claimed: m.claimed.Load(), ClaimNoops: m.claimNoops.Load(), Poison: m.poison.Load(),
+		StepsRecorded: m.stepsRecorded.Load(), Completed: m.completed.Load(), Failed: m.failed.Load(),
+		Retried: m.retried.Load(), FencedRejected: m.fencedRejected.Load(), LeaseLost: m.leaseLost.Load(),
+		Released: m.released.Load(), InFlight: m.inFlight.Load()}
+}
+
+// Start checks the schema, announces the worker and begins pulling work. It returns once
+// the consumers exist; ctx bounds only the start-up.
+func (w *Worker) Start(ctx context.Context) error {
+	w.mu.Lock()
+	if w.started {
+		w.mu.Unlock()
+		return fmt.Errorf("start worker: already started")
+	}
+	w.started = true
+	w.mu.Unlock()
+	if len(w.defs) == 0 {
+		return wire.Errorf(wire.ErrInvalidArgument, "start worker: no workflows registered")
+	}
+	if !w.cfg.SkipSchemaCheck {
+		if err := store.CheckSchema(ctx, w.cfg.Pool); err != nil {
+			return fmt.Errorf("start worker: %w", err)
+		}
+	}
+	if err := w.bus.EnsureStreams(ctx); err != nil {
+		return fmt.Errorf("start worker: %w", err)
+	}
+	consumers := make(map[string]jetstream.Consumer, len(w.defs))
+	for name := range w.defs {
+		cons, err := w.bus.EnsureTaskConsumer(ctx, w.cfg.Namespace, name, w.cfg.Consumer)
+		if err != nil {
+			return fmt.Errorf("start worker: %w", err)
+		}
+		consumers[name] = cons
+	}
+	if err := w.store.WorkerHeartbeat(ctx, w.announcement()); err != nil {
+		return fmt.Errorf("start worker: %w", err)
+	}
+	for i := 0; i < w.cfg.Concurrency; i++ {
+		w.slots <- struct{}{}
+	}
+	fetchCtx, cancelFetch := context.WithCancel(context.Background())
+	hbCtx, cancelHeartbeat := context.WithCancel(context.Background())
+	w.cancelFetch, w.cancelHeartbeat = cancelFetch, cancelHeartbeat
+	for name, cons := range consumers {
+		w.loops.Add(1)
+		go w.consume(fetchCtx, w.defs[name], cons)
+	}
+	w.heartbeats.Add(1)
+	go w.heartbeat(hbCtx)
+	w.log.Info("worker started", "workflows", len(w.defs), "concurrency", w.cfg.Concurrency, "lease", w.cfg.Lease)
+	return nil
+}
+
+func (w *Worker) announcement() store.Worker {
+	names := make([]string, 0, len(w.defs))
+	for n := range w.defs {
+		names = append(names, n)
+	}
+	host, _ := os.Hostname()
+	return store.Worker{ID: w.cfg.ID, Namespace: w.cfg.Namespace, Workflows: names, Hostname: host, PID: os.Getpid()}
+}
+
+// Stop stops taking work, lets running runs finish for up to ShutdownGrace (or until ctx
+// ends), then hands the rest back to the queue so another executor resumes them at once
+// rather than after their lease. Idempotent.
+func (w *Worker) Stop(ctx context.Context) error {
+	var err error
+	w.stopOnce.Do(func() {
+		if w.cancelFetch == nil {
+			return
+		}
+		w.cancelFetch()
+		w.loops.Wait()
+		// Leases keep being renewed while running runs finish within the grace period.
+		defer func() { w.cancelHeartbeat(); w.heartbeats.Wait() }()
+
+		done := make(chan struct{})
+		go func() { w.runs.Wait(); close(done) }()
+		grace := time.NewTimer(w.cfg.ShutdownGrace)
+		defer grace.Stop()
+		select {
+		case <-done:
+		case <-grace.C:
+			w.handBack()
+		case <-ctx.Done():
+			w.handBack()
+		}
+		// Handed-back runs unwind at their next SDK call; a step body that ignores its
+		// context is not waited for past a short bound.
+		select {
+		case <-done:
+		case <-time.After(2 * time.Second):
+			w.log.Warn("stopping with step bodies still running", "in_flight", w.metrics.inFlight.Load())
+		}
+		delCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if e := w.store.WorkerDelete(delCtx, w.cfg.ID); e != nil {
+			err = e
+		}
+		w.log.Info("worker stopped", "released", w.metrics.released.Load())
+	})
+	return err
+}
+
+func (w *Worker) handBack() {
+	w.mu.Lock()
+	held := make([]*runContext, 0, len(w.held))
+	for _, rc := range w.held {
+		held = append(held, rc)
+	}
+	w.mu.Unlock()
+	for _, rc := range held {
+		// Release first, cancel after: the run's own error path (a cancelled step) must
+		// find the run already QUEUED, or its retry write would win and park the run.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		d, err := w.store.RunRelease(ctx, rc.fenced())
+		rc.loseLease()
+		if err == nil {
+			err = w.bus.PublishTasks(ctx, []bus.Doorbell{{Namespace: d.Namespace, Workflow: d.Workflow,
+				Task: wire.Task{RunID: d.RunID, DispatchSeq: d.DispatchSeq}}})
+			w.metrics.released.Add(1)
+		}
+		cancel()
+		if err != nil && !errors.Is(err, wire.ErrLeaseLost) {
+			rc.log.Warn("hand back run at shutdown", "error", err)
+		}
+	}
+}
+
+// consume pulls doorbells for one workflow, never more than there are free slots, so a
+// message is only taken when it can be run at once.
+func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.Consumer) {
+	defer w.loops.Done()
+	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
+	for ctx.Err() == nil {
+		n := w.acquireSlots(ctx)
+		if n == 0 {
+			return
+		}
+		// The pull is not tied to ctx: a pull request cancelled client-side stays open on
+		// the server and would swallow doorbells (until AckWait) after we stop. Instead a
+		// stopping worker lets its last pull expire and gives back what it yields.
+		fctx, cancel := context.WithTimeout(context.Background(), fetchExpiry)
+		batch, err := cons.Fetch(n, jetstream.FetchContext(fctx))
+		if err != nil {
+			cancel()
+			w.releaseSlots(n)
+			if ctx.Err() != nil {
+				return
+			}
+			w.log.Warn("fetch tasks", "workflow", def.Name(), "error", err)
+			if errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrStreamNotFound) {
+				// The broker lost its state: recreate what we rely on, then go on.
+				if _, err := w.recreate(ctx, def.Name()); err == nil {
+					continue
+				}
+			}
+			backoff.wait(ctx)
+			continue
+		}
+		got := 0
+		for msg := range batch.Messages() {
+			if ctx.Err() != nil {
+				_ = msg.Nak() // redelivered at once to a worker that is not stopping
+				continue
+			}
+			got++
+			w.runs.Add(1)
+			go w.handle(def, msg)
+		}
+		cancel()
+		w.releaseSlots(n - got)
+		if err := batch.Error(); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && !errors.Is(err, nats.ErrTimeout) {
+			w.log.Warn("fetch tasks", "workflow", def.Name(), "error", err)
+			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
+				if c, err := w.recreate(ctx, def.Name()); err == nil {
+					cons = c
+				}
+			}
+			backoff.wait(ctx)
+			continue
+		}
+		backoff.reset()
+	}
+}
+
+func (w *Worker) recreate(ctx context.Context, workflow string) (jetstream.Consumer, error) {
+	if err := w.bus.EnsureStreams(ctx); err != nil {
+		return nil, err
+	}
+	return w.bus.EnsureTaskConsumer(ctx, w.cfg.Namespace, workflow, w.cfg.Consumer)
+}
+
+// fetchExpiry bounds one pull request, and so how long Stop waits for the fetch loops.
+const fetchExpiry = 3 * time.Second
+
+// acquireSlots blocks for one free slot, then takes whatever else is free at once.
+func (w *Worker) acquireSlots(ctx context.Context) int {
+	select {
+	case <-w.slots:
+	case <-ctx.Done():
+		return 0
+	}
+	n := 1
+	for n < w.cfg.Concurrency {
+		select {
+		case <-w.slots:
+			n++
+		default:
+			return n
+		}
+	}
+	return n
+}
+
+func (w *Worker) releaseSlots(n int) {
+	for i := 0; i < n; i++ {
+		w.slots <- struct{}{}
+	}
+}
+
+// handle answers one doorbell: claim, ack, run. It owns one slot.
+func (w *Worker) handle(def Registration, msg jetstream.Msg) {
+	defer w.runs.Done()
+	defer w.releaseSlots(1)
+	task, err := bus.DecodeTask(msg.Data())
+	if err != nil {
+		w.metrics.poison.Add(1)
+		w.log.Warn("poison task message terminated", "subject", msg.Subject(), "error", err)
+		_ = msg.Term()
+		return
+	}
+	claimSent := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	run, ok, err := w.store.RunClaim(ctx, store.RunClaimParams{RunID: task.RunID, DispatchSeq: task.DispatchSeq,
+		Namespace: w.cfg.Namespace, Workflow: def.Name(), Owner: w.cfg.ID, Lease: w.cfg.Lease})
+	cancel()
+	if err != nil {
+		// Not claimed, or claimed ambiguously: either way the lease sweep or a redelivery
+		// brings the run back.
+		w.log.Warn("claim run", "run_id", task.RunID, "error", err)
+		_ = msg.NakWithDelay(time.Second)
+		return
+	}
+	if !ok {
+		w.metrics.claimNoops.Add(1)
+		_ = msg.Ack()
+		return
+	}
+	w.failpoint("claim.after_commit_before_ack")
+	_ = msg.Ack()
+	w.metrics.claimed.Add(1)
+	w.execute(def, run, claimSent)
+}
+
+// execute replays a claimed run to its next stopping point.
+func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.Time) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	rc := &runContext{
+		Context: ctx, w: w, run: run, def: def, cancel: cancel,
+		log:  w.log.With("run_id", run.ID, "workflow", run.Workflow, "attempt", run.Attempt),
+		seen: map[string]int{}, stateBytes: len(run.Input),
+	}
+	for _, st := range run.Steps {
+		rc.stateBytes += len(st.Output)
+	}
+	rc.confirmLease(claimSent)
+	w.mu.Lock()
+	w.held[run.ID] = rc
+	w.mu.Unlock()
+	w.metrics.inFlight.Add(1)
+	defer func() {
+		w.mu.Lock()
+		delete(w.held, run.ID)
+		w.mu.Unlock()
+		w.metrics.inFlight.Add(-1)
+	}()
+
+	out, err, u := w.invoke(rc)
+	switch {
+	case u != nil && u.reason == unwindSuspended:
+	case u != nil && u.reason == unwindLeaseLost:
+		rc.log.Warn("run dropped: lease lost", "error", u.err)
+	case u != nil && u.reason == unwindTerminal:
+		w.finishFailed(rc, u.err, false)
+	case err != nil:
+		w.finishFailed(rc, err, !IsTerminal(err))
+	default:
+		w.finishCompleted(rc, out)
+	}
+}
+
+// invoke runs the workflow function, recovering the SDK's unwinding and user panics.
+func (w *Worker) invoke(rc *runContext) (out []byte, err error, u *unwind) {
+	defer func() {
+		if r := recover(); r != nil {
+			if uw, ok := r.(unwind); ok {
+				u = &uw
+				return
+			}
+			err = fmt.Errorf("workflow panicked: %v\n%s", r, debug.Stack())
+		}
+	}()
+	out, err = rc.def.invoke(rc, rc.run.Input)
+	return out, err, nil
+}
+
+func (w *Worker) finishCompleted(rc *runContext, out []byte) {
+	if len(out) > w.cfg.Limits.MaxStepOutputBytes {
+		w.finishFailed(rc, wire.Errorf(wire.ErrPayloadTooLarge, "workflow output is %d bytes, over the limit of %d",
+			len(out), w.cfg.Limits.MaxStepOutputBytes), false)
+		return
+	}
+	err := w.retryWrite(rc, func(ctx context.Context) error { return w.store.RunComplete(ctx, rc.fenced(), out) })
+	if err != nil {
+		w.noteWriteError(rc, "complete run", err)
+		return
+	}
+	w.failpoint("complete.after_commit_before_notify")
+	w.metrics.completed.Add(1)
+	w.bus.PublishDone(rc.run.ID, wire.StatusCompleted)
+	rc.log.Debug("run completed")
+}
+
+func (w *Worker) finishFailed(rc *runContext, cause error, retry bool) {
+	backoff := w.cfg.RetryBackoff << min(rc.run.Attempt-1, 20)
+	if backoff > w.cfg.MaxBackoff || backoff <= 0 {
+		backoff = w.cfg.MaxBackoff
+	}
+	msg := cause.Error()
+	if len(msg) > 8<<10 {
+		msg = msg[:8<<10] + "…"
+	}
+	var res store.RunFailResult
+	err := w.retryWrite(rc, func(ctx context.Context) error {
+		var err error
+		res, err = w.store.RunFail(ctx, store.RunFailParams{FencedParams: rc.fenced(), Error: msg, Retry: retry, Backoff: backoff})
+		return err
+	})
+	if err != nil {
+		w.noteWriteError(rc, "fail run", err)
+		return
+	}
+	if res.Status == wire.StatusFailed {
+		w.metrics.failed.Add(1)
+		w.bus.PublishDone(rc.run.ID, wire.StatusFailed)
+		rc.log.Warn("run failed", "error", msg)
+		return
+	}
+	w.metrics.retried.Add(1)
+	if res.WakeAt != nil {
+		w.bus.PublishTimerHint(*res.WakeAt)
+	}
+	rc.log.Info("attempt failed; retry scheduled", "error", msg, "retry_at", res.WakeAt)
+}
+
+func (w *Worker) noteWriteError(rc *runContext, what string, err error) {
+	if errors.Is(err, wire.ErrLeaseLost) {
+		w.metrics.fencedRejected.Add(1)
+	}
+	rc.loseLease()
+	rc.log.Warn(what+": write refused or impossible; the run is left to its current owner or the lease sweep", "error", err)
+}
+
+// retryWrite makes a fenced write, retrying transient errors while the lease is still
+// ours. A refusal by the fence (ErrLeaseLost) is final at once.
+func (w *Worker) retryWrite(rc *runContext, write func(ctx context.Context) error) error {
+	b := newBackoff(20*time.Millisecond, time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := write(ctx)
+		cancel()
+		if err == nil || errors.Is(err, wire.ErrLeaseLost) {
+			return err
+		}
+		if !rc.leaseValid() {
+			return fmt.Errorf("gave up while the lease lapsed: %w", err)
+		}
+		rc.log.Warn("write failed; retrying", "error", err)
+		b.wait(context.Background())
+	}
+}
+
+// heartbeat renews the leases of every held run in one statement per tick, and the
+// worker's own row less often.
+func (w *Worker) heartbeat(ctx context.Context) {
+	defer w.heartbeats.Done()
+	tick := time.NewTicker(w.cfg.Lease / 3)
+	defer tick.Stop()
+	lastAnnounce := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		w.extendLeases(ctx)
+		if time.Since(lastAnnounce) >= 15*time.Second {
+			if err := w.store.WorkerHeartbeat(ctx, w.announcement()); err != nil && ctx.Err() == nil {
+				w.log.Warn("worker heartbeat", "error", err)
+			}
+			lastAnnounce = time.Now()
+		}
+	}
+}
+
+func (w *Worker) extendLeases(ctx context.Context) {
+	w.mu.Lock()
+	held := make([]*runContext, 0, len(w.held))
+	for _, rc := range w.held {
+		held = append(held, rc)
+	}
+	w.mu.Unlock()
+	if len(held) == 0 {
+		return
+	}
+	params := make([]store.Held, len(held))
+	for i, rc := range held {
+		params[i] = store.Held{RunID: rc.run.ID, Fence: rc.run.Fence}
+	}
+	sent := time.Now()
+	qctx, cancel := context.WithTimeout(ctx, w.cfg.Lease/3)
+	kept, err := w.store.RunsExtendLeases(qctx, w.cfg.ID, w.cfg.Lease, params)
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil {
+			w.log.Warn("extend leases", "runs", len(held), "error", err)
+		}
+		return // unconfirmed leases run out by themselves: runs self-fence
+	}
+	for _, rc := range held {
+		if kept[rc.run.ID] {
+			rc.confirmLease(sent)
+		} else {
+			rc.log.Warn("lease lost: another executor holds the run")
+			rc.loseLease()
+		}
+	}
+}
+
+type backoff struct {
+	min, max, cur time.Duration
+}
+
+func newBackoff(minD, maxD time.Duration) *backoff { return &backoff{min: minD, max: maxD, cur: minD} }
+
+func (b *backoff) reset() { b.cur = b.min }
+
+func (b *backoff) wait(ctx context.Context) {
+	t := time.NewTimer(b.cur)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	b.cur = min(b.cur*2, b.max)
+}

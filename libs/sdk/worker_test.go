@@ -1,0 +1,387 @@
+package sdk_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/kagzi/kagzi/libs/sdk"
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// Each step is followed by a sleep, so the run is released and replayed from the start
+// after every step; each body must still run exactly once.
+func TestStepsAreMemoizedAcrossReplays(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	var bodies [3]atomic.Int32
+	var invocations atomic.Int32
+	wf := sdk.Workflow("memo", func(ctx sdk.Context, in int) (int, error) {
+		invocations.Add(1)
+		sum := in
+		for i := range 3 {
+			v, err := sdk.Step(ctx, "add", func(context.Context) (int, error) {
+				bodies[i].Add(1)
+				return i + 1, nil
+			})
+			if err != nil {
+				return 0, err
+			}
+			sum += v
+			if err := ctx.Sleep("pause", time.Millisecond); err != nil {
+				return 0, err
+			}
+		}
+		return sum, nil
+	})
+	w := e.worker(t, []sdk.Registration{wf})
+	run, err := wf.Start(ctxT(t), e.client(), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := run.Result(ctxT(t))
+	if err != nil || got != 16 {
+		t.Fatalf("result = %d, %v; want 16", got, err)
+	}
+	for i := range bodies {
+		if n := bodies[i].Load(); n != 1 {
+			t.Errorf("step %d body ran %d times, want 1", i, n)
+		}
+	}
+	if n := invocations.Load(); n != 4 {
+		t.Errorf("workflow function invoked %d times, want 4 (first run + a replay after each sleep)", n)
+	}
+	info, err := run.Describe(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for _, s := range info.Steps {
+		keys = append(keys, s.Key)
+	}
+	if want := "add pause add#2 pause#2 add#3 pause#3"; strings.Join(keys, " ") != want {
+		t.Errorf("recorded keys %q, want %q", strings.Join(keys, " "), want)
+	}
+	if s := w.Stats(); s.Claimed != 4 || s.Completed != 1 {
+		t.Errorf("stats %+v: want 4 claims and 1 completion", s)
+	}
+}
+
+func TestSleepWakesNoEarlierThanAsked(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	wf := sdk.Workflow("napper", func(ctx sdk.Context, _ struct{}) (string, error) {
+		if err := ctx.Sleep("nap", 300*time.Millisecond); err != nil {
+			return "", err
+		}
+		return "rested", nil
+	})
+	e.worker(t, []sdk.Registration{wf})
+	run, err := wf.Start(ctxT(t), e.client(), struct{}{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := run.Result(ctxT(t)); err != nil || got != "rested" {
+		t.Fatalf("result = %q, %v", got, err)
+	}
+	var early bool
+	err = e.pool.QueryRow(ctxT(t), `SELECT r.finished_at < s.wake_at FROM workflow_runs r JOIN step_runs s ON s.run_id = r.id WHERE r.id = $1`, run.ID).Scan(&early)
+	if err != nil || early {
+		t.Fatalf("finished before the wake time: %v, %v", early, err)
+	}
+}
+
+// A zombie executor whose run was handed to another (its lease seen as lapsed) must have
+// its step write refused by the fence, and must start no further step body.
+func TestZombieWriteIsRefusedByTheFence(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	var step1, step2, step3 atomic.Int32
+	latch := make(chan struct{})
+	entered := make(chan struct{}, 1)
+	wf := sdk.Workflow("zombie", func(ctx sdk.Context, _ struct{}) (string, error) {
+		if _, err := sdk.Step(ctx, "one", func(context.Context) (int, error) { step1.Add(1); return 1, nil }); err != nil {
+			return "", err
+		}
+		owner, err := sdk.Step(ctx, "two", func(context.Context) (string, error) {
+			if step2.Add(1) == 1 {
+				entered <- struct{}{}
+				<-latch // the first execution hangs here, like a paused process
+				return "zombie", nil
+			}
+			return "successor", nil
+		})
+		if err != nil {
+			return "", err
+		}
+		if _, err := sdk.Step(ctx, "three", func(context.Context) (int, error) { step3.Add(1); return 3, nil }); err != nil {
+			return "", err
+		}
+		return owner, nil
+	})
+	a := e.worker(t, []sdk.Registration{wf}, func(c *sdk.WorkerConfig) { c.Lease = time.Second })
+	run, err := wf.Start(ctxT(t), e.client(), struct{}{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-entered
+	// The timer's view of a lapsed lease: fence and dispatch move on, B takes the run.
+	future := time.Now().Add(time.Hour)
+	if _, err := e.pool.Exec(ctxT(t), `UPDATE workflow_runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1`, run.ID); err != nil {
+		t.Fatal(err)
+	}
+	_ = future
+	b := e.worker(t, []sdk.Registration{wf})
+	got, err := run.Result(ctxT(t))
+	if err != nil || got != "successor" {
+		t.Fatalf("result = %q, %v; want the successor's", got, err)
+	}
+	close(latch)
+	waitFor(t, "the zombie's write to be refused", func() bool { return a.Stats().FencedRejected+a.Stats().LeaseLost >= 1 && a.Stats().InFlight == 0 })
+	if a.Stats().FencedRejected < 1 {
+		t.Errorf("zombie stats %+v: want a fenced rejection", a.Stats())
+	}
+	var rows int
+	if err := e.pool.QueryRow(ctxT(t), `SELECT count(*) FROM step_runs WHERE run_id = $1`, run.ID).Scan(&rows); err != nil || rows != 3 {
+		t.Fatalf("step rows = %d, %v; want 3", rows, err)
+	}
+	if step1.Load() != 1 || step2.Load() != 2 || step3.Load() != 1 {
+		t.Errorf("bodies ran %d/%d/%d times, want 1/2/1 (the zombie started no body after its refused write)", step1.Load(), step2.Load(), step3.Load())
+	}
+	_ = b
+}
+
+func TestDuplicateDoorbellsClaimOnce(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	var bodies atomic.Int32
+	wf := sdk.Workflow("dup", func(ctx sdk.Context, _ struct{}) (int, error) {
+		return sdk.Step(ctx, "only", func(context.Context) (int, error) {
+			time.Sleep(50 * time.Millisecond)
+			return int(bodies.Add(1)), nil
+		})
+	})
+	w1 := e.worker(t, []sdk.Registration{wf})
+	w2 := e.worker(t, []sdk.Registration{wf})
+	run, err := wf.Start(ctxT(t), e.client(), struct{}{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Five more copies of the same dispatch, each with its own Nats-Msg-Id so JetStream's
+	// de-duplication cannot help: only the database can.
+	for i := range 5 {
+		data := fmt.Sprintf(`{"run_id":%q,"dispatch_seq":1}`, run.ID)
+		if _, err := e.bus.JetStream().Publish(ctxT(t), wire.TaskSubject("default", "dup"), []byte(data), jetstreamMsgID(fmt.Sprint("copy-", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := run.Result(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "all copies handled", func() bool { return w1.Stats().ClaimNoops+w2.Stats().ClaimNoops == 5 })
+	if c := w1.Stats().Claimed + w2.Stats().Claimed; c != 1 || bodies.Load() != 1 {
+		t.Fatalf("claims = %d, bodies = %d; want 1 and 1", c, bodies.Load())
+	}
+}
+
+func TestRetriesAreBoundedThenFailed(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	var calls atomic.Int32
+	wf := sdk.Workflow("flaky", func(ctx sdk.Context, _ struct{}) (int, error) {
+		calls.Add(1)
+		return 0, errors.New("downstream unavailable")
+	})
+	e.worker(t, []sdk.Registration{wf})
+	run, err := wf.Start(ctxT(t), e.client(), struct{}{}, sdk.MaxAttempts(3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = run.Result(ctxT(t))
+	var failed *sdk.RunFailedError
+	if !errors.As(err, &failed) || failed.Attempt != 3 || failed.Status != wire.StatusFailed || !strings.Contains(failed.Message, "downstream unavailable") {
+		t.Fatalf("result err = %v; want FAILED after 3 attempts with the last error", err)
+	}
+	if calls.Load() != 3 {
+		t.Fatalf("workflow ran %d times, want 3", calls.Load())
+	}
+}
+
+func TestTerminalErrorsAndPanics(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	terminal := sdk.Workflow("terminal", func(ctx sdk.Context, _ struct{}) (int, error) {
+		return 0, sdk.Terminal(errors.New("card declined"))
+	})
+	var panics atomic.Int32
+	panicky := sdk.Workflow("panicky", func(ctx sdk.Context, _ struct{}) (int, error) {
+		panics.Add(1)
+		var m map[string]int
+		m["boom"] = 1
+		return 0, nil
+	})
+	big := sdk.Workflow("big", func(ctx sdk.Context, _ struct{}) (string, error) {
+		return sdk.Step(ctx, "huge", func(context.Context) (string, error) { return strings.Repeat("x", 2048), nil })
+	})
+	e.worker(t, []sdk.Registration{terminal, panicky, big}, func(c *sdk.WorkerConfig) {
+		c.Limits = wire.DefaultLimits()
+		c.Limits.MaxStepOutputBytes = 1024
+	})
+	c := e.client()
+	check := func(id string, wantAttempt int, wantMsg string) {
+		t.Helper()
+		info, err := c.Wait(ctxT(t), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.Status != wire.StatusFailed || info.Attempt != wantAttempt || !strings.Contains(info.Error, wantMsg) {
+			t.Errorf("run %s: status %s attempt %d error %q; want FAILED, %d, %q", info.Workflow, info.Status, info.Attempt, info.Error, wantAttempt, wantMsg)
+		}
+	}
+	r1, err := terminal.Start(ctxT(t), c, struct{}{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2, err := panicky.Start(ctxT(t), c, struct{}{}, sdk.MaxAttempts(2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r3, err := big.Start(ctxT(t), c, struct{}{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	check(r1.ID, 1, "card declined")
+	check(r2.ID, 2, "panicked")
+	check(r3.ID, 1, "payload too large")
+}
+
+func TestReorderedStepsAreNonDeterminism(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	var reordered atomic.Bool
+	var bodies atomic.Int32
+	wf := sdk.Workflow("reorder", func(ctx sdk.Context, _ struct{}) (int, error) {
+		first, second := "a", "b"
+		if reordered.Load() {
+			first, second = "b", "a"
+		}
+		if _, err := sdk.Step(ctx, first, func(context.Context) (int, error) { bodies.Add(1); return 1, nil }); err != nil {
+			return 0, err
+		}
+		if !reordered.Load() {
+			reordered.Store(true) // the code is "redeployed" while the run sleeps
+		}
+		if err := ctx.Sleep("wait", 10*time.Millisecond); err != nil {
+			return 0, err
+		}
+		return sdk.Step(ctx, second, func(context.Context) (int, error) { bodies.Add(1); return 2, nil })
+	})
+	e.worker(t, []sdk.Registration{wf})
+	run, err := wf.Start(ctxT(t), e.client(), struct{}{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := e.client().Wait(ctxT(t), run.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Status != wire.StatusFailed || info.Attempt != 1 || !strings.Contains(info.Error, "nondeterminism") {
+		t.Fatalf("status %s attempt %d error %q; want FAILED on attempt 1 with nondeterminism", info.Status, info.Attempt, info.Error)
+	}
+	if bodies.Load() != 1 {
+		t.Fatalf("bodies ran %d times after the divergence, want 1 in all", bodies.Load())
+	}
+}
+
+func TestPoisonDoorbellsAreTerminated(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	wf := sdk.Workflow("target", func(ctx sdk.Context, _ struct{}) (int, error) { return 1, nil })
+	w := e.worker(t, []sdk.Registration{wf})
+	subject := wire.TaskSubject("default", "target")
+	hostile := []string{`not json`, `{"run_id":"x"}`, `{"run_id":"0190a3f0-0000-7000-8000-000000000000","dispatch_seq":1}`, `[]`}
+	for _, h := range hostile {
+		if _, err := e.bus.JetStream().Publish(ctxT(t), subject, []byte(h)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run, err := wf.Start(ctxT(t), e.client(), struct{}{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := run.Result(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "hostile messages handled", func() bool { s := w.Stats(); return s.Poison == 3 && s.ClaimNoops == 1 })
+	cons, err := e.bus.JetStream().Consumer(ctxT(t), wire.TaskStream, wire.TaskConsumer("default", "target"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "consumer drained", func() bool {
+		ci, err := cons.Info(ctxT(t))
+		return err == nil && ci.NumAckPending == 0 && ci.NumPending == 0 && ci.NumRedelivered == 0
+	})
+}
+
+// A worker that stops while a run is in a long step hands the run back; another worker
+// finishes it without waiting for the lease to lapse.
+func TestStopHandsRunsBack(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	started := make(chan struct{}, 1)
+	var entries atomic.Int32
+	var mu sync.Mutex
+	var finishedBy []string
+	wf := sdk.Workflow("long", func(ctx sdk.Context, _ struct{}) (string, error) {
+		return sdk.Step(ctx, "slow", func(ctx context.Context) (string, error) {
+			if entries.Add(1) == 1 {
+				started <- struct{}{}
+				<-ctx.Done() // the first executor is asked to stop mid-step
+				return "", ctx.Err()
+			}
+			mu.Lock()
+			finishedBy = append(finishedBy, "second")
+			mu.Unlock()
+			return "done", nil
+		})
+	})
+	a := e.worker(t, []sdk.Registration{wf}, func(c *sdk.WorkerConfig) { c.Lease = time.Minute; c.ShutdownGrace = 100 * time.Millisecond })
+	run, err := wf.Start(ctxT(t), e.client(), struct{}{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-started
+	if err := a.Stop(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	if a.Stats().Released != 1 {
+		t.Fatalf("released %d runs, want 1", a.Stats().Released)
+	}
+	e.worker(t, []sdk.Registration{wf}, func(c *sdk.WorkerConfig) { c.Lease = time.Minute })
+	if got, err := run.Result(ctxT(t)); err != nil || got != "done" {
+		t.Fatalf("result = %q, %v", got, err)
+	}
+}
+
+func TestIdempotentStart(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	wf := sdk.Workflow("once", func(ctx sdk.Context, in string) (string, error) { return in, nil })
+	c := e.client()
+	r1, err := wf.Start(ctxT(t), c, "a", sdk.IdempotencyKey("order-42"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2, err := wf.Start(ctxT(t), c, "a", sdk.IdempotencyKey("order-42"))
+	if err != nil || r2.ID != r1.ID {
+		t.Fatalf("second start = %v, %v; want run %s", r2, err, r1.ID)
+	}
+	if _, err := wf.Start(ctxT(t), c, "b", sdk.IdempotencyKey("order-42")); !errors.Is(err, sdk.ErrIdempotencyConflict) {
+		t.Fatalf("start with another input: err = %v, want ErrIdempotencyConflict", err)
+	}
+}
