@@ -184,5 +184,4 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 	}
 }
 
-
 func jetstreamMsgID(id string) jetstream.PublishOpt { return jetstream.WithMsgID(id) }

@@ -102,7 +102,7 @@ type WorkerStats struct {
 
 type workerMetrics struct {
 	claimed, claimNoops, poison, stepsRecorded, completed, failed, retried atomic.Int64
-	fencedRejected, leaseLost, released, inFlight                           atomic.Int64
+	fencedRejected, leaseLost, released, inFlight                          atomic.Int64
 }
 
 // Worker hosts workflows: it pulls doorbells from the shared JetStream consumer of each
@@ -116,15 +116,15 @@ type Worker struct {
 	slots   chan struct{}
 	metrics workerMetrics
 
-	mu       sync.Mutex
-	held     map[wire.RunID]*runContext
-	started  bool
-	stopOnce sync.Once
+	mu              sync.Mutex
+	held            map[wire.RunID]*runContext
+	started         bool
+	stopOnce        sync.Once
 	cancelFetch     context.CancelFunc
 	cancelHeartbeat context.CancelFunc
 	loops           sync.WaitGroup // fetch loops
 	heartbeats      sync.WaitGroup // the lease heartbeat, which outlives the fetch loops
-	runs     sync.WaitGroup // executing runs
+	runs            sync.WaitGroup // executing runs
 }
 
 // NewWorker makes a Worker; call Register, then Start.
@@ -137,13 +137,13 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		return nil, err
 	}
 	return &Worker{
-		cfg:    cfg,
-		store:  store.New(cfg.Pool),
-		bus:    b,
-		log:    cfg.Logger.With("worker_id", cfg.ID, "namespace", cfg.Namespace),
-		defs:   map[string]Registration{},
-		slots:  make(chan struct{}, cfg.Concurrency),
-		held:   map[wire.RunID]*runContext{},
+		cfg:   cfg,
+		store: store.New(cfg.Pool),
+		bus:   b,
+		log:   cfg.Logger.With("worker_id", cfg.ID, "namespace", cfg.Namespace),
+		defs:  map[string]Registration{},
+		slots: make(chan struct{}, cfg.Concurrency),
+		held:  map[wire.RunID]*runContext{},
 	}, nil
 }
 

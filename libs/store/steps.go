@@ -100,4 +100,3 @@ func (s *Store) StepInsert(ctx context.Context, p StepInsertParams) error {
 
 // ErrStepExists means a step key was recorded twice for one run.
 var ErrStepExists = errors.New("step already recorded")
-

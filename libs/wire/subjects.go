@@ -51,4 +51,3 @@ func TaskConsumer(namespace, workflow string) string {
 func MsgID(runID RunID, dispatchSeq int64) string {
 	return runID + ":" + strconv.FormatInt(dispatchSeq, 10)
 }
-
