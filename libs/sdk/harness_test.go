@@ -31,32 +31,48 @@ type env struct {
 
 func newEnv(t testing.TB) *env {
 	t.Helper()
-	ctx := context.Background()
-	pool, err := store.Connect(ctx, testkit.NewDatabase(t), 16)
+	e, stop, err := setupEnv(testkit.NewDatabase(t), testkit.StartNATS(t).URL(), t.Name())
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(pool.Close)
-	ns := testkit.StartNATS(t)
-	nc, err := bus.Connect(bus.ConnOptions{URL: ns.URL(), Name: t.Name()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	b, err := bus.New(nc, bus.DefaultStreamConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.EnsureStreams(ctx); err != nil {
-		t.Fatal(err)
-	}
-	e := &env{pool: pool, nc: nc, st: store.New(pool), bus: b}
-	e.serveStarts(t)
-	e.runTimer(t)
+	t.Cleanup(stop)
 	return e
 }
 
-func (e *env) serveStarts(t testing.TB) {
+// setupEnv connects to the database and NATS server and starts the stand-ins; stop
+// undoes it all.
+func setupEnv(dbURL, natsURL, name string) (*env, func(), error) {
+	ctx := context.Background()
+	pool, err := store.Connect(ctx, dbURL, 16)
+	if err != nil {
+		return nil, nil, err
+	}
+	nc, err := bus.Connect(bus.ConnOptions{URL: natsURL, Name: name})
+	if err != nil {
+		pool.Close()
+		return nil, nil, err
+	}
+	b, err := bus.New(nc, bus.DefaultStreamConfig())
+	if err == nil {
+		err = b.EnsureStreams(ctx)
+	}
+	if err != nil {
+		nc.Close()
+		pool.Close()
+		return nil, nil, err
+	}
+	e := &env{pool: pool, nc: nc, st: store.New(pool), bus: b}
+	stopStarts, err := e.serveStarts()
+	if err != nil {
+		nc.Close()
+		pool.Close()
+		return nil, nil, err
+	}
+	stopTimer := e.runTimer()
+	return e, func() { stopTimer(); stopStarts(); nc.Close(); pool.Close() }, nil
+}
+
+func (e *env) serveStarts() (stop func(), err error) {
 	sub, err := e.nc.Subscribe(wire.StartSubjectPrefix+"*", func(m *nats.Msg) {
 		var req wire.StartRequest
 		reply := func(r wire.StartReply) { data, _ := json.Marshal(r); _ = m.Respond(data) }
@@ -80,7 +96,7 @@ func (e *env) serveStarts(t testing.TB) {
 		}
 	})
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	desc, err := e.nc.Subscribe(wire.DescribeSubject, func(m *nats.Msg) {
 		var req wire.DescribeRequest
@@ -96,9 +112,10 @@ func (e *env) serveStarts(t testing.TB) {
 		_ = m.Respond(data)
 	})
 	if err != nil {
-		t.Fatal(err)
+		_ = sub.Unsubscribe()
+		return nil, err
 	}
-	t.Cleanup(func() { _ = sub.Unsubscribe(); _ = desc.Unsubscribe() })
+	return func() { _ = sub.Unsubscribe(); _ = desc.Unsubscribe() }, nil
 }
 
 func (e *env) publish(ds ...store.Dispatch) {
@@ -110,7 +127,7 @@ func (e *env) publish(ds ...store.Dispatch) {
 }
 
 // runTimer wakes due sleepers and re-queues expired leases every few milliseconds.
-func (e *env) runTimer(t testing.TB) {
+func (e *env) runTimer() (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -136,7 +153,7 @@ func (e *env) runTimer(t testing.TB) {
 			}
 		}
 	}()
-	t.Cleanup(func() { cancel(); wg.Wait() })
+	return func() { cancel(); wg.Wait() }
 }
 
 type workerOpt func(*sdk.WorkerConfig)

@@ -367,7 +367,7 @@ func (w *Worker) recreate(ctx context.Context, workflow string) (jetstream.Consu
 }
 
 // fetchExpiry bounds one pull request, and so how long Stop waits for the fetch loops.
-const fetchExpiry = 3 * time.Second
+const fetchExpiry = time.Second
 
 // acquireSlots blocks for one free slot, then takes whatever else is free at once.
 func (w *Worker) acquireSlots(ctx context.Context) int {
