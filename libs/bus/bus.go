@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -159,11 +160,31 @@ func (b *Bus) submitStreamConfig() jetstream.StreamConfig {
 // lost its store gets its streams back without a manual step.
 func (b *Bus) EnsureStreams(ctx context.Context) error {
 	for _, cfg := range []jetstream.StreamConfig{b.taskStreamConfig(), b.submitStreamConfig()} {
-		if _, err := b.js.CreateOrUpdateStream(ctx, cfg); err != nil {
+		// Look before writing: an update that changes nothing still makes the server
+		// rewrite the stream's config, and every service checks every half minute.
+		st, err := b.js.Stream(ctx, cfg.Name)
+		switch {
+		case err == nil && sameStreamConfig(st.CachedInfo().Config, cfg):
+			continue
+		case err == nil:
+			_, err = b.js.UpdateStream(ctx, cfg)
+		case errors.Is(err, jetstream.ErrStreamNotFound):
+			_, err = b.js.CreateStream(ctx, cfg)
+			if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+				err = nil // another service created it first
+			}
+		}
+		if err != nil {
 			return fmt.Errorf("ensure stream %s: %w", cfg.Name, err)
 		}
 	}
 	return nil
+}
+
+func sameStreamConfig(have, want jetstream.StreamConfig) bool {
+	return slices.Equal(have.Subjects, want.Subjects) && have.Retention == want.Retention &&
+		have.Storage == want.Storage && have.Replicas == want.Replicas && have.Duplicates == want.Duplicates &&
+		have.MaxAge == want.MaxAge && have.MaxMsgSize == want.MaxMsgSize && have.Discard == want.Discard
 }
 
 // EnsureTaskConsumer creates or updates the durable consumer that every executor serving

@@ -1,8 +1,12 @@
 package testkit
 
 import (
+	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 
@@ -55,4 +59,58 @@ func (n *NATS) Restart() {
 	n.t.Helper()
 	n.Shutdown()
 	n.start()
+}
+
+// NATSProcess is a nats-server running as a child process (built from the nats-server Go
+// module by Build), for tests that kill the broker for real.
+type NATSProcess struct {
+	*Process
+	port     int
+	StoreDir string
+}
+
+// StartNATSProcess runs bin (a nats-server binary) on a free port with JetStream, fsync on
+// every write, and its own store directory.
+func StartNATSProcess(t testing.TB, bin string) *NATSProcess {
+	t.Helper()
+	port := freePort(t)
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "nats.conf")
+	store := filepath.Join(dir, "js")
+	cfg := fmt.Sprintf("listen: 127.0.0.1:%d\njetstream {\n  store_dir: %q\n  sync_interval: always\n}\n", port, store)
+	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	n := &NATSProcess{Process: StartCommand(t, "nats-server", bin, []string{"-c", conf}), port: port, StoreDir: store}
+	n.WaitReady(t)
+	return n
+}
+
+// URL is the server's client URL.
+func (n *NATSProcess) URL() string { return fmt.Sprintf("nats://127.0.0.1:%d", n.port) }
+
+// WaitReady blocks until the server accepts TCP connections.
+func (n *NATSProcess) WaitReady(t testing.TB) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", n.port), time.Second)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nats-server not ready on port %d: %v", n.port, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func freePort(t testing.TB) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
 }
