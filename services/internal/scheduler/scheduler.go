@@ -1,0 +1,321 @@
+// Package scheduler accepts workflow starts and answers describe requests.
+//
+// A start arrives either as a core NATS request on kagzi.start.<workflow> (served by the
+// schedulers' queue group and answered only after the run row is committed) or as a
+// JetStream publish on kagzi.submit.<workflow> (held by the submit stream and acked only
+// after the commit). Either way the run is inserted QUEUED, which makes the row its own
+// outbox: the task doorbell is published after the commit, and if that publish is lost
+// the timer's reconciler publishes it again.
+//
+// The package has no fx: it takes plain values and is wired in services/scheduler.
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+
+	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/store"
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// Config tunes a scheduler. Every zero field takes the default named beside it.
+type Config struct {
+	DefaultNamespace string // "default"
+	// Limits bound what a start may carry; zero fields take wire.DefaultLimits().
+	Limits wire.Limits
+	// DefaultMaxAttempts applies when a request names none (5). A request's own
+	// max_attempts must be within 1..100.
+	DefaultMaxAttempts int
+	// SubmitConsumer tunes the durable consumer of the submit stream. Zero fields take:
+	// AckWait 30s, MaxAckPending 1000, and MaxDeliver unlimited, because a start held by
+	// the stream must survive a PostgreSQL outage of any length (poison messages are
+	// terminated by the scheduler itself, so they do not need MaxDeliver either).
+	SubmitConsumer bus.ConsumerConfig
+	// EnsureStreamsEvery is how often streams are re-created if they vanished (30s).
+	EnsureStreamsEvery time.Duration
+}
+
+const (
+	// requestWorkers bounds concurrent request-reply handlers (starts and describes).
+	requestWorkers = 64
+	// submitInFlight bounds concurrent submit-stream handlers; submitBatch is how many
+	// messages one pull asks for.
+	submitInFlight = 32
+	submitBatch    = 64
+	// opTimeout bounds one request's database and publish work.
+	opTimeout = 10 * time.Second
+	// stopGrace is how long Stop lets in-flight work finish before cancelling it.
+	stopGrace          = 10 * time.Second
+	maxAttemptsCeiling = 100
+)
+
+func (c Config) withDefaults() Config {
+	if c.DefaultNamespace == "" {
+		c.DefaultNamespace = wire.DefaultNamespace
+	}
+	d := wire.DefaultLimits()
+	if c.Limits.MaxInputBytes <= 0 {
+		c.Limits.MaxInputBytes = d.MaxInputBytes
+	}
+	if c.Limits.MaxStepOutputBytes <= 0 {
+		c.Limits.MaxStepOutputBytes = d.MaxStepOutputBytes
+	}
+	if c.Limits.MaxRunStateBytes <= 0 {
+		c.Limits.MaxRunStateBytes = d.MaxRunStateBytes
+	}
+	if c.Limits.MaxSteps <= 0 {
+		c.Limits.MaxSteps = d.MaxSteps
+	}
+	if c.DefaultMaxAttempts <= 0 {
+		c.DefaultMaxAttempts = 5
+	}
+	if c.SubmitConsumer.AckWait <= 0 {
+		c.SubmitConsumer.AckWait = 30 * time.Second
+	}
+	if c.SubmitConsumer.MaxAckPending <= 0 {
+		c.SubmitConsumer.MaxAckPending = 1000
+	}
+	if c.SubmitConsumer.MaxDeliver == 0 {
+		c.SubmitConsumer.MaxDeliver = -1
+	}
+	if c.EnsureStreamsEvery <= 0 {
+		c.EnsureStreamsEvery = 30 * time.Second
+	}
+	return c
+}
+
+// Scheduler serves starts and describes. Start it once, stop it once.
+type Scheduler struct {
+	cfg Config
+	st  *store.Store
+	b   *bus.Bus
+	log *zap.Logger
+	m   *Metrics
+
+	mu      sync.Mutex
+	state   int // 0 new, 1 started, 2 stopped
+	subs    []*nats.Subscription
+	submits jetstream.MessagesContext // the live submit iterator, drained by Stop
+
+	work   chan func(context.Context) // request handlers, run by the worker pool
+	quit   chan struct{}              // closed by Stop: no new work
+	runCtx context.Context            // cancelled stopGrace after Stop
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// New returns a scheduler. A nil logger logs nothing; nil metrics are not registered.
+func New(cfg Config, st *store.Store, b *bus.Bus, log *zap.Logger, m *Metrics) *Scheduler {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	if m == nil {
+		m = NewMetrics(nil)
+	}
+	runCtx, cancel := context.WithCancel(context.Background())
+	return &Scheduler{
+		cfg:    cfg.withDefaults(),
+		st:     st,
+		b:      b,
+		log:    log.Named("scheduler"),
+		m:      m,
+		work:   make(chan func(context.Context)),
+		quit:   make(chan struct{}),
+		runCtx: runCtx,
+		cancel: cancel,
+	}
+}
+
+// Start ensures the streams, subscribes to starts and describes and starts consuming the
+// submit stream. It returns once the subscriptions are registered with the server; ctx
+// bounds only that start-up. A stream that cannot be created now is a warning: the
+// background loops keep trying.
+func (s *Scheduler) Start(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state != 0 {
+		return errors.New("scheduler: Start called twice or after Stop")
+	}
+
+	if err := s.b.EnsureStreams(ctx); err != nil {
+		s.m.EnsureFailures.Inc()
+		s.log.Warn("jetstream streams not ready; retrying in the background", zap.Error(err))
+	}
+
+	nc := s.b.Conn()
+	startSub, err := nc.QueueSubscribe(wire.StartSubjectPrefix+"*", wire.SchedulerQueueGroup, func(msg *nats.Msg) {
+		s.enqueue(func(ctx context.Context) { s.handleStart(ctx, msg) })
+	})
+	if err != nil {
+		return fmt.Errorf("subscribe to starts: %w", err)
+	}
+	describeSub, err := nc.QueueSubscribe(wire.DescribeSubject, wire.SchedulerQueueGroup, func(msg *nats.Msg) {
+		s.enqueue(func(ctx context.Context) { s.handleDescribe(ctx, msg) })
+	})
+	if err != nil {
+		_ = startSub.Unsubscribe()
+		return fmt.Errorf("subscribe to describes: %w", err)
+	}
+	s.subs = []*nats.Subscription{startSub, describeSub}
+	// The flush makes the server hold the subscriptions before Start returns, so a
+	// request sent right after Start is served. A broker that is down is not fatal: the
+	// client re-sends subscriptions when it reconnects.
+	if err := nc.FlushWithContext(ctx); err != nil {
+		s.log.Warn("nats flush after subscribing; subscriptions take effect on reconnect", zap.Error(err))
+	}
+
+	s.wg.Add(requestWorkers + 2)
+	for range requestWorkers {
+		go s.worker()
+	}
+	go s.consumeSubmits()
+	go s.maintain()
+	s.state = 1
+	s.log.Info("scheduler started",
+		zap.String("start_subject", wire.StartSubjectPrefix+"*"),
+		zap.String("queue_group", wire.SchedulerQueueGroup))
+	return nil
+}
+
+// Stop stops taking work, finishes what was taken (drained subscriptions and submit
+// messages already fetched) and waits for every goroutine. Work still running after
+// stopGrace is cancelled; its request is retried by its client or redelivered by the
+// stream. Idempotent.
+func (s *Scheduler) Stop() {
+	s.mu.Lock()
+	if s.state != 1 {
+		s.state = 2
+		s.mu.Unlock()
+		s.cancel()
+		return
+	}
+	s.state = 2
+	subs, submits := s.subs, s.submits
+	s.mu.Unlock()
+
+	drainCtx, cancelDrain := context.WithTimeout(context.Background(), stopGrace)
+	for _, sub := range subs {
+		drainSub(drainCtx, sub)
+	}
+	cancelDrain()
+	if submits != nil {
+		submits.Drain()
+	}
+	close(s.quit)
+	t := time.AfterFunc(stopGrace, s.cancel)
+	s.wg.Wait()
+	t.Stop()
+	s.cancel()
+	s.log.Info("scheduler stopped")
+}
+
+// drainSub lets a subscription hand over the messages it already holds, then closes it;
+// at ctx's end it gives up and drops the rest (their requesters time out and retry).
+func drainSub(ctx context.Context, sub *nats.Subscription) {
+	closed := sub.StatusChanged(nats.SubscriptionClosed)
+	if err := sub.Drain(); err != nil {
+		// The connection is gone; the messages it held are gone with it.
+		_ = sub.Unsubscribe()
+		return
+	}
+	for {
+		select {
+		case _, ok := <-closed:
+			if !ok {
+				return
+			}
+		case <-ctx.Done():
+			_ = sub.Unsubscribe()
+			return
+		}
+	}
+}
+
+// enqueue hands a request to the worker pool. It runs in the subscription's delivery
+// goroutine, so when every worker is busy it blocks and the subscription buffers: that is
+// the back-pressure.
+func (s *Scheduler) enqueue(fn func(context.Context)) {
+	select {
+	case s.work <- fn:
+	case <-s.quit:
+		// Stopping and the drain timed out: the requester times out and retries.
+	}
+}
+
+func (s *Scheduler) worker() {
+	defer s.wg.Done()
+	for {
+		select {
+		case fn := <-s.work:
+			ctx, cancel := context.WithTimeout(s.runCtx, opTimeout)
+			fn(ctx)
+			cancel()
+		case <-s.quit:
+			return
+		}
+	}
+}
+
+// maintain re-creates the streams periodically, so a broker that lost its store gets
+// them back without an operator.
+func (s *Scheduler) maintain() {
+	defer s.wg.Done()
+	tick := time.NewTicker(s.cfg.EnsureStreamsEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-s.quit:
+			return
+		case <-tick.C:
+			ctx, cancel := context.WithTimeout(s.runCtx, opTimeout)
+			if err := s.b.EnsureStreams(ctx); err != nil {
+				s.m.EnsureFailures.Inc()
+				s.log.Warn("ensure jetstream streams", zap.Error(err))
+			}
+			cancel()
+		}
+	}
+}
+
+// sleep waits d or until Stop; false means stop.
+func (s *Scheduler) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-s.quit:
+		return false
+	}
+}
+
+// stopRequested reports whether Stop has begun. Stop drains the submit iterator before
+// it closes quit, so the consumer loop asks this rather than quit to tell a drain from a
+// failure.
+func (s *Scheduler) stopRequested() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.state == 2
+}
+
+// backoff is the wait before retry n (1-based): 100ms doubling to 5s.
+func backoff(n int) time.Duration {
+	d := 100 * time.Millisecond
+	for i := 1; i < n && d < 5*time.Second; i++ {
+		d *= 2
+	}
+	return min(d, 5*time.Second)
+}
+
+// Log fields shared by every line about a run.
+func runIDField(id wire.RunID) zap.Field { return zap.String("run_id", id) }
+func workflowField(w string) zap.Field   { return zap.String("workflow", w) }
+func namespaceField(n string) zap.Field  { return zap.String("namespace", n) }

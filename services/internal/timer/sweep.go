@@ -1,0 +1,119 @@
+package timer
+
+import (
+	"context"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/store"
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// look is one answer of RunsNextDue and the local moment it corresponds to.
+type look struct {
+	n   store.NextDue
+	ref time.Time
+}
+
+type sweepResult struct {
+	woken, requeued, failed, redispatched int
+}
+
+func (r sweepResult) total() int { return r.woken + r.requeued + r.failed + r.redispatched }
+
+// sweep runs the three sweeps, each in batches until one comes back short, and announces
+// what they changed. Each batch is published as soon as it commits, so a long backlog
+// does not hold back the first doorbells. lk is the look that led here (nil from Tick);
+// it dates the earliest sleeper for the lateness histogram.
+func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
+	t.m.Sweeps.Inc()
+	var res sweepResult
+	params := store.SweepParams{Limit: t.cfg.BatchSize}
+
+	for {
+		ds, err := t.st.RunsWakeDue(ctx, params)
+		if err != nil {
+			return res, err
+		}
+		if len(ds) > 0 && res.woken == 0 && lk != nil && lk.n.Wake != nil {
+			// The database clock now, estimated from the look: exact to half a round trip.
+			dbNow := lk.n.DBNow.Add(time.Since(lk.ref))
+			t.m.WakeLateness.Observe(max(dbNow.Sub(*lk.n.Wake), 0).Seconds())
+		}
+		res.woken += len(ds)
+		t.m.Woken.Add(float64(len(ds)))
+		for _, d := range ds {
+			t.log.Debug("run woken", runIDField(d.RunID), workflowField(d.Workflow), namespaceField(d.Namespace))
+		}
+		t.publish(ctx, ds)
+		if len(ds) < t.cfg.BatchSize || t.quitting() {
+			break
+		}
+	}
+
+	for {
+		es, err := t.st.RunsExpireLeases(ctx, params)
+		if err != nil {
+			return res, err
+		}
+		ds := make([]store.Dispatch, 0, len(es))
+		for _, e := range es {
+			fields := []zap.Field{runIDField(e.RunID), workflowField(e.Workflow), namespaceField(e.Namespace)}
+			if e.Status == wire.StatusFailed {
+				res.failed++
+				t.m.LeasesExpired.WithLabelValues("failed").Inc()
+				t.log.Warn("lease expired on the last attempt; run failed", fields...)
+				t.b.PublishDone(e.RunID, wire.StatusFailed)
+				continue
+			}
+			res.requeued++
+			t.m.LeasesExpired.WithLabelValues("requeued").Inc()
+			t.log.Info("lease expired; run requeued", fields...)
+			ds = append(ds, e.Dispatch)
+		}
+		t.publish(ctx, ds)
+		if len(es) < t.cfg.BatchSize || t.quitting() {
+			break
+		}
+	}
+
+	for {
+		ds, err := t.st.RunsRedispatchStale(ctx, store.RedispatchParams{
+			SweepParams: params, StaleAfter: t.cfg.StaleAfter, LiveWithin: t.cfg.LiveWithin,
+		})
+		if err != nil {
+			return res, err
+		}
+		res.redispatched += len(ds)
+		t.m.Redispatched.Add(float64(len(ds)))
+		for _, d := range ds {
+			t.log.Info("dispatch went unclaimed; run re-dispatched", runIDField(d.RunID), workflowField(d.Workflow),
+				namespaceField(d.Namespace), zap.Int64("dispatch_seq", d.DispatchSeq))
+		}
+		t.publish(ctx, ds)
+		if len(ds) < t.cfg.BatchSize || t.quitting() {
+			break
+		}
+	}
+	return res, nil
+}
+
+// publish announces committed dispatches. A failure is logged, not returned: the runs
+// are QUEUED in PostgreSQL, and the reconcile sweep relays them after StaleAfter.
+func (t *Timer) publish(ctx context.Context, ds []store.Dispatch) {
+	if len(ds) == 0 {
+		return
+	}
+	bells := make([]bus.Doorbell, len(ds))
+	for i, d := range ds {
+		bells[i] = bus.Doorbell{Namespace: d.Namespace, Workflow: d.Workflow,
+			Task: wire.Task{RunID: d.RunID, DispatchSeq: d.DispatchSeq}}
+	}
+	if err := t.b.PublishTasks(ctx, bells); err != nil {
+		t.m.PublishFailures.Inc()
+		t.log.Warn("publish task doorbells; the reconciler will relay them",
+			zap.Int("count", len(bells)), zap.Error(err))
+	}
+}
