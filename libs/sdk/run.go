@@ -147,9 +147,12 @@ func (rc *runContext) step(userKey string, kind wire.StepKind, body func(context
 			"run state would reach %d bytes, over the limit of %d", rc.stateBytes+len(out), rc.w.cfg.Limits.MaxRunStateBytes)})
 	}
 	rc.w.failpoint("step.after_body_before_commit")
-	err = rc.w.retryWrite(rc, func(ctx context.Context) error {
-		err := rc.w.store.StepInsert(ctx, store.StepInsertParams{FencedParams: rc.fenced(), Key: key, Seq: seq,
+	err = rc.w.retryWrite(rc, func(context.Context) error {
+		err, ok := rc.w.steps.do(store.StepInsertParams{FencedParams: rc.fenced(), Key: key, Seq: seq,
 			Kind: kind, Output: out, Attempt: rc.run.Attempt})
+		if !ok {
+			return errWorkerStopped
+		}
 		if errors.Is(err, store.ErrStepExists) {
 			// Only the fence holder can insert, so an existing row is our own write from
 			// an attempt whose commit was acknowledged ambiguously.

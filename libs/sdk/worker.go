@@ -116,6 +116,11 @@ type Worker struct {
 	slots   chan struct{}
 	metrics workerMetrics
 
+	// Group commit of the hot statements across concurrent runs.
+	claims    *batcher[store.ClaimRequest, store.ClaimResult]
+	steps     *batcher[store.StepInsertParams, error]
+	completes *batcher[store.CompleteRequest, error]
+
 	mu              sync.Mutex
 	held            map[wire.RunID]*runContext
 	started         bool
@@ -213,6 +218,11 @@ func (w *Worker) Start(ctx context.Context) error {
 	for i := 0; i < w.cfg.Concurrency; i++ {
 		w.slots <- struct{}{}
 	}
+	w.claims = newBatcher(2, 256, func(ctx context.Context, reqs []store.ClaimRequest) []store.ClaimResult {
+		return w.store.RunsClaim(ctx, w.cfg.Namespace, w.cfg.ID, w.cfg.Lease, reqs)
+	})
+	w.steps = newBatcher(2, 256, w.store.StepsInsert)
+	w.completes = newBatcher(2, 256, w.store.RunsComplete)
 	fetchCtx, cancelFetch := context.WithCancel(context.Background())
 	hbCtx, cancelHeartbeat := context.WithCancel(context.Background())
 	w.cancelFetch, w.cancelHeartbeat = cancelFetch, cancelHeartbeat
@@ -267,6 +277,9 @@ func (w *Worker) Stop(ctx context.Context) error {
 		case <-time.After(2 * time.Second):
 			w.log.Warn("stopping with step bodies still running", "in_flight", w.metrics.inFlight.Load())
 		}
+		w.claims.close()
+		w.steps.close()
+		w.completes.close()
 		delCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if e := w.store.WorkerDelete(delCtx, w.cfg.ID); e != nil {
@@ -406,10 +419,11 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 		return
 	}
 	claimSent := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	run, ok, err := w.store.RunClaim(ctx, store.RunClaimParams{RunID: task.RunID, DispatchSeq: task.DispatchSeq,
-		Namespace: w.cfg.Namespace, Workflow: def.Name(), Owner: w.cfg.ID, Lease: w.cfg.Lease})
-	cancel()
+	res, done := w.claims.do(store.ClaimRequest{RunID: task.RunID, DispatchSeq: task.DispatchSeq, Workflow: def.Name()})
+	run, ok, err := res.Run, res.OK, res.Err
+	if !done {
+		err = errWorkerStopped
+	}
 	if err != nil {
 		// Not claimed, or claimed ambiguously: either way the lease sweep or a redelivery
 		// brings the run back.
@@ -487,7 +501,13 @@ func (w *Worker) finishCompleted(rc *runContext, out []byte) {
 			len(out), w.cfg.Limits.MaxStepOutputBytes), false)
 		return
 	}
-	err := w.retryWrite(rc, func(ctx context.Context) error { return w.store.RunComplete(ctx, rc.fenced(), out) })
+	err := w.retryWrite(rc, func(context.Context) error {
+		err, ok := w.completes.do(store.CompleteRequest{FencedParams: rc.fenced(), Output: out})
+		if !ok {
+			return errWorkerStopped
+		}
+		return err
+	})
 	if err != nil {
 		w.noteWriteError(rc, "complete run", err)
 		return
@@ -538,6 +558,8 @@ func (w *Worker) noteWriteError(rc *runContext, what string, err error) {
 	rc.log.Warn(what+": write refused or impossible; the run is left to its current owner or the lease sweep", "error", err)
 }
 
+var errWorkerStopped = errors.New("worker stopped")
+
 // retryWrite makes a fenced write, retrying transient errors while the lease is still
 // ours. A refusal by the fence (ErrLeaseLost) is final at once.
 func (w *Worker) retryWrite(rc *runContext, write func(ctx context.Context) error) error {
@@ -546,7 +568,7 @@ func (w *Worker) retryWrite(rc *runContext, write func(ctx context.Context) erro
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		err := write(ctx)
 		cancel()
-		if err == nil || errors.Is(err, wire.ErrLeaseLost) {
+		if err == nil || errors.Is(err, wire.ErrLeaseLost) || errors.Is(err, errWorkerStopped) {
 			return err
 		}
 		if !rc.leaseValid() {

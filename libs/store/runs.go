@@ -453,17 +453,23 @@ func (n NextDue) Earliest() *time.Time {
 	return min
 }
 
-// Three index-only probes (the first entry of each partial index) in one round trip.
+// Three probes of the partial indexes in one round trip. The stale probe skips runs no
+// live worker serves, as RunsRedispatchStale does, so an unserved run never hides a
+// served one behind it.
 const runsNextDueSQL = `
 SELECT now(),
     (SELECT wake_at FROM workflow_runs WHERE status = 'SLEEPING' ORDER BY wake_at LIMIT 1),
     (SELECT lease_expires_at FROM workflow_runs WHERE status = 'RUNNING' ORDER BY lease_expires_at LIMIT 1),
-    (SELECT queued_at + $1::bigint * interval '1 microsecond' FROM workflow_runs WHERE status = 'QUEUED' ORDER BY queued_at LIMIT 1)`
+    (SELECT r.queued_at + $1::bigint * interval '1 microsecond' FROM workflow_runs r
+     WHERE r.status = 'QUEUED' AND EXISTS (SELECT 1 FROM workers w
+         WHERE w.namespace = r.namespace AND r.workflow = ANY (w.workflows)
+           AND w.heartbeat_at > now() - $2::bigint * interval '1 microsecond')
+     ORDER BY r.queued_at LIMIT 1)`
 
 // RunsNextDue tells the timer when to look again.
-func (s *Store) RunsNextDue(ctx context.Context, staleAfter time.Duration) (NextDue, error) {
+func (s *Store) RunsNextDue(ctx context.Context, staleAfter, liveWithin time.Duration) (NextDue, error) {
 	var n NextDue
-	err := s.db.QueryRow(ctx, runsNextDueSQL, micros(staleAfter)).Scan(&n.DBNow, &n.Wake, &n.LeaseExpiry, &n.Stale)
+	err := s.db.QueryRow(ctx, runsNextDueSQL, micros(staleAfter), micros(liveWithin)).Scan(&n.DBNow, &n.Wake, &n.LeaseExpiry, &n.Stale)
 	if err != nil {
 		return n, fmt.Errorf("read next due times: %w", err)
 	}

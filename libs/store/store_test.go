@@ -163,7 +163,7 @@ func TestLeaseExpiryAndRetries(t *testing.T) {
 	if err != nil || res.Status != wire.StatusSleeping || res.Attempt != 2 || res.WakeAt == nil {
 		t.Fatalf("fail with retry = %+v, %v", res, err)
 	}
-	next, err := s.RunsNextDue(ctx, time.Minute)
+	next, err := s.RunsNextDue(ctx, time.Minute, time.Minute)
 	if err != nil || next.Wake == nil || !next.Wake.Equal(*res.WakeAt) {
 		t.Fatalf("next due = %+v, %v", next, err)
 	}

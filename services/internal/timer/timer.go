@@ -236,7 +236,7 @@ func (t *Timer) run() {
 			return
 		}
 		before := time.Now()
-		n, err := t.st.RunsNextDue(t.runCtx, t.cfg.StaleAfter)
+		n, err := t.st.RunsNextDue(t.runCtx, t.cfg.StaleAfter, t.cfg.LiveWithin)
 		t.m.Polls.Inc()
 		if err != nil {
 			if t.quitting() {
@@ -288,9 +288,9 @@ func (t *Timer) run() {
 }
 
 // untilDue says how long from now until the earliest due work, at most MaxIdle; zero or
-// less means now. A stale QUEUED run that the last sweep already passed over (no live
-// worker serves its workflow, or another replica held it) would otherwise read as due
-// forever, so it only counts again MaxIdle after that sweep.
+// less means now. A stale QUEUED run that the last sweep already passed over (another
+// replica held it, or its worker's heartbeat lapsed between the look and the sweep)
+// would otherwise read as due forever, so it only counts again MaxIdle after that sweep.
 func (t *Timer) untilDue(n store.NextDue, ref, lastSweep, lastSweepDB time.Time) time.Duration {
 	elapsed := time.Since(ref)
 	delay := t.cfg.MaxIdle

@@ -1,0 +1,240 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// The batch forms of the executor's hot statements. Each serves many runs in one round
+// trip and one commit (group commit); each row is still fenced exactly like the single
+// forms, so batching changes throughput, never who may write.
+
+// ClaimRequest is one doorbell to claim.
+type ClaimRequest struct {
+	RunID       wire.RunID
+	DispatchSeq int64
+	Workflow    string
+}
+
+// ClaimResult answers one ClaimRequest: OK with the run, or a no-op.
+type ClaimResult struct {
+	Run ClaimedRun
+	OK  bool
+	Err error
+}
+
+// Primary-key updates through unnest; steps of the claimed runs read by the step_runs
+// primary key prefix in the same round trip.
+const runsClaimSQL = `
+UPDATE workflow_runs r SET
+    status = 'RUNNING', fence = r.fence + 1, lease_owner = $4,
+    lease_expires_at = now() + $5::bigint * interval '1 microsecond',
+    started_at = coalesce(r.started_at, now()), updated_at = now()
+FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS t(id, seq, workflow)
+WHERE r.id = t.id AND r.dispatch_seq = t.seq AND r.workflow = t.workflow AND r.namespace = $6 AND r.status = 'QUEUED'
+RETURNING r.id::text, r.version, r.input, r.attempt, r.max_attempts, r.fence, now(), r.lease_expires_at`
+
+const stepsLoadManySQL = `
+SELECT run_id::text, step_key, seq, kind, status, output, coalesce(error, ''), attempt, wake_at, created_at
+FROM step_runs WHERE run_id = ANY ($1::uuid[]) ORDER BY run_id, seq`
+
+// RunsClaim claims many dispatches at once for one executor. Results are in request
+// order; a request naming a run already claimed earlier in the same batch is a no-op.
+func (s *Store) RunsClaim(ctx context.Context, namespace, owner string, lease time.Duration, reqs []ClaimRequest) []ClaimResult {
+	out := make([]ClaimResult, len(reqs))
+	ids := make([]string, 0, len(reqs))
+	seqs := make([]int64, 0, len(reqs))
+	wfs := make([]string, 0, len(reqs))
+	first := make(map[wire.RunID]int, len(reqs))
+	for i, r := range reqs {
+		if _, dup := first[r.RunID]; dup {
+			continue
+		}
+		first[r.RunID] = i
+		ids, seqs, wfs = append(ids, r.RunID), append(seqs, r.DispatchSeq), append(wfs, r.Workflow)
+	}
+	fail := func(err error) []ClaimResult {
+		for i := range out {
+			out[i].Err = fmt.Errorf("claim %d runs: %w", len(ids), err)
+		}
+		return out
+	}
+	b := &pgx.Batch{}
+	b.Queue(runsClaimSQL, ids, seqs, wfs, owner, micros(lease), namespace)
+	b.Queue(stepsLoadManySQL, ids)
+	br := s.db.SendBatch(ctx, b)
+	defer br.Close()
+
+	rows, err := br.Query()
+	if err != nil {
+		return fail(err)
+	}
+	claimed := map[wire.RunID]*ClaimedRun{}
+	for rows.Next() {
+		var run ClaimedRun
+		if err := rows.Scan(&run.ID, &run.Version, &run.Input, &run.Attempt, &run.MaxAttempts, &run.Fence, &run.DBNow, &run.LeaseExpiresAt); err != nil {
+			rows.Close()
+			return fail(err)
+		}
+		claimed[run.ID] = &run
+	}
+	if err := rows.Err(); err != nil {
+		return fail(err)
+	}
+	rows, err = br.Query()
+	if err != nil {
+		return fail(err)
+	}
+	for rows.Next() {
+		var id string
+		var st Step
+		if err := rows.Scan(&id, &st.Key, &st.Seq, &st.Kind, &st.Status, &st.Output, &st.Error, &st.Attempt, &st.WakeAt, &st.CreatedAt); err != nil {
+			rows.Close()
+			return fail(err)
+		}
+		if run := claimed[id]; run != nil {
+			run.Steps = append(run.Steps, st)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return fail(err)
+	}
+	if err := br.Close(); err != nil {
+		return fail(err)
+	}
+	for i, r := range reqs {
+		run := claimed[r.RunID]
+		if run == nil || first[r.RunID] != i {
+			continue
+		}
+		run.Namespace, run.Workflow = namespace, r.Workflow
+		out[i] = ClaimResult{Run: *run, OK: true}
+	}
+	return out
+}
+
+// Each row is inserted only if its run is RUNNING under the writer's fence, with the run
+// row locked FOR SHARE (see stepInsertSQL). The subquery returns the latest version of a
+// row it had to wait for, so a fence bumped meanwhile makes the join fail.
+const stepsInsertSQL = `
+INSERT INTO step_runs (run_id, step_key, seq, kind, status, output, error, attempt)
+SELECT s.run_id, s.step_key, s.seq, s.kind, s.status, s.output, nullif(s.error, ''), s.attempt
+FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::int[], $5::text[], $6::text[], $7::bytea[], $8::text[], $9::int[])
+     AS s(run_id, fence, step_key, seq, kind, status, output, error, attempt)
+JOIN (SELECT id, fence FROM workflow_runs WHERE id = ANY ($1::uuid[]) AND status = 'RUNNING' FOR SHARE) r
+  ON r.id = s.run_id AND r.fence = s.fence
+ON CONFLICT (run_id, step_key) DO NOTHING
+RETURNING run_id::text, step_key`
+
+// StepsInsert records many step results (of different runs) in one statement. Each
+// result is nil, or wraps wire.ErrLeaseLost or ErrStepExists as StepInsert would.
+func (s *Store) StepsInsert(ctx context.Context, ps []StepInsertParams) []error {
+	out := make([]error, len(ps))
+	n := len(ps)
+	ids, fences, keys := make([]string, n), make([]int64, n), make([]string, n)
+	seqs, kinds, statuses := make([]int32, n), make([]string, n), make([]string, n)
+	outputs, errs, attempts := make([][]byte, n), make([]string, n), make([]int32, n)
+	for i, p := range ps {
+		if p.Status == "" {
+			p.Status = "COMPLETED"
+		}
+		if p.Attempt <= 0 {
+			p.Attempt = 1
+		}
+		ids[i], fences[i], keys[i] = p.RunID, p.Fence, p.Key
+		seqs[i], kinds[i], statuses[i] = int32(p.Seq), string(p.Kind), p.Status
+		outputs[i], errs[i], attempts[i] = p.Output, p.Error, int32(p.Attempt)
+	}
+	rows, err := s.db.Query(ctx, stepsInsertSQL, ids, fences, keys, seqs, kinds, statuses, outputs, errs, attempts)
+	if err != nil {
+		for i := range out {
+			out[i] = fmt.Errorf("record %d steps: %w", n, err)
+		}
+		return out
+	}
+	type rk struct{ run, key string }
+	inserted := make(map[rk]bool, n)
+	for rows.Next() {
+		var k rk
+		if err := rows.Scan(&k.run, &k.key); err != nil {
+			rows.Close()
+			for i := range out {
+				out[i] = fmt.Errorf("record %d steps: %w", n, err)
+			}
+			return out
+		}
+		inserted[k] = true
+	}
+	if err := rows.Err(); err != nil {
+		for i := range out {
+			out[i] = fmt.Errorf("record %d steps: %w", n, err)
+		}
+		return out
+	}
+	for i, p := range ps {
+		if !inserted[rk{p.RunID, p.Key}] {
+			// Rare: a stale fence or an existing row. The single form tells which (and
+			// records the step if the fence holds after all).
+			out[i] = s.StepInsert(ctx, p)
+		}
+	}
+	return out
+}
+
+// CompleteRequest is one run's completion.
+type CompleteRequest struct {
+	FencedParams
+	Output []byte
+}
+
+const runsCompleteSQL = `
+UPDATE workflow_runs r SET status = 'COMPLETED', output = c.output, error = NULL,
+    lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
+FROM unnest($1::uuid[], $2::bigint[], $3::bytea[]) AS c(id, fence, output)
+WHERE r.id = c.id AND r.fence = c.fence AND r.status = 'RUNNING'
+RETURNING r.id::text`
+
+// RunsComplete completes many runs in one statement; each result is nil or wraps
+// wire.ErrLeaseLost.
+func (s *Store) RunsComplete(ctx context.Context, reqs []CompleteRequest) []error {
+	out := make([]error, len(reqs))
+	ids, fences, outputs := make([]string, len(reqs)), make([]int64, len(reqs)), make([][]byte, len(reqs))
+	for i, r := range reqs {
+		ids[i], fences[i], outputs[i] = r.RunID, r.Fence, r.Output
+	}
+	rows, err := s.db.Query(ctx, runsCompleteSQL, ids, fences, outputs)
+	if err == nil {
+		var done map[string]bool
+		done, err = collectIDs(rows)
+		if err == nil {
+			for i, r := range reqs {
+				if !done[r.RunID] {
+					out[i] = fmt.Errorf("complete run %s (fence %d): %w", r.RunID, r.Fence, wire.ErrLeaseLost)
+				}
+			}
+			return out
+		}
+	}
+	for i := range out {
+		out[i] = fmt.Errorf("complete %d runs: %w", len(reqs), err)
+	}
+	return out
+}
+
+func collectIDs(rows pgx.Rows) (map[string]bool, error) {
+	ids := map[string]bool{}
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		ids[id] = true
+	}
+	return ids, rows.Err()
+}

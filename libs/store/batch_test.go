@@ -1,0 +1,81 @@
+package store_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/kagzi/kagzi/libs/store"
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+func TestBatchClaimStepsComplete(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	ctx := context.Background()
+	var reqs []store.ClaimRequest
+	for i := range 4 {
+		d := insertRun(t, s, "k"+string(rune('a'+i))).Dispatch
+		reqs = append(reqs, store.ClaimRequest{RunID: d.RunID, DispatchSeq: d.DispatchSeq, Workflow: d.Workflow})
+	}
+	// A duplicate doorbell in the same batch, a stale one and a forged one claim nothing.
+	reqs = append(reqs, reqs[0],
+		store.ClaimRequest{RunID: reqs[1].RunID, DispatchSeq: 9, Workflow: "wf"},
+		store.ClaimRequest{RunID: wire.NewRunID(), DispatchSeq: 1, Workflow: "wf"})
+	res := s.RunsClaim(ctx, "default", "exec", time.Minute, reqs)
+	for i, r := range res {
+		if r.Err != nil {
+			t.Fatal(r.Err)
+		}
+		if want := i < 4; r.OK != want {
+			t.Fatalf("claim %d ok = %v, want %v", i, r.OK, want)
+		}
+	}
+	run0 := res[0].Run
+	if run0.Fence != 1 || string(run0.Input) != `{"a":1}` || run0.Workflow != "wf" {
+		t.Fatalf("claimed run = %+v", run0)
+	}
+
+	var steps []store.StepInsertParams
+	for i := range 4 {
+		steps = append(steps, store.StepInsertParams{FencedParams: store.FencedParams{RunID: res[i].Run.ID, Fence: res[i].Run.Fence},
+			Key: "s", Seq: 0, Kind: wire.StepKindStep, Output: []byte(`1`)})
+	}
+	steps[3].Fence = 0 // a zombie's write
+	errs := s.StepsInsert(ctx, steps)
+	for i := range 3 {
+		if errs[i] != nil {
+			t.Fatalf("step %d: %v", i, errs[i])
+		}
+	}
+	if !errors.Is(errs[3], wire.ErrLeaseLost) {
+		t.Fatalf("stale step err = %v, want ErrLeaseLost", errs[3])
+	}
+	if errs := s.StepsInsert(ctx, steps[:1]); !errors.Is(errs[0], store.ErrStepExists) {
+		t.Fatalf("re-insert err = %v, want ErrStepExists", errs[0])
+	}
+
+	var comps []store.CompleteRequest
+	for i := range 4 {
+		comps = append(comps, store.CompleteRequest{FencedParams: store.FencedParams{RunID: res[i].Run.ID, Fence: res[i].Run.Fence}, Output: []byte(`"ok"`)})
+	}
+	comps[2].Fence = 7
+	cerrs := s.RunsComplete(ctx, comps)
+	if cerrs[0] != nil || cerrs[1] != nil || cerrs[3] != nil || !errors.Is(cerrs[2], wire.ErrLeaseLost) {
+		t.Fatalf("complete errs = %v", cerrs)
+	}
+	// A re-claim after a sleep brings each run's steps along.
+	fp := store.FencedParams{RunID: res[2].Run.ID, Fence: res[2].Run.Fence}
+	if _, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: fp, StepKey: "nap", Seq: 1}); err != nil {
+		t.Fatal(err)
+	}
+	due, err := s.RunsWakeDue(ctx, store.SweepParams{Limit: 10})
+	if err != nil || len(due) != 1 {
+		t.Fatalf("wake = %v, %v", due, err)
+	}
+	again := s.RunsClaim(ctx, "default", "exec", time.Minute, []store.ClaimRequest{{RunID: due[0].RunID, DispatchSeq: due[0].DispatchSeq, Workflow: "wf"}})
+	if !again[0].OK || len(again[0].Run.Steps) != 2 || again[0].Run.Fence != 2 {
+		t.Fatalf("re-claim = %+v", again[0])
+	}
+}
