@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/kagzi/kagzi/libs/failpoint"
 	"github.com/kagzi/kagzi/libs/store"
 	"github.com/kagzi/kagzi/libs/wire"
 )
@@ -146,8 +147,10 @@ func (rc *runContext) step(userKey string, kind wire.StepKind, body func(context
 		panic(unwind{reason: unwindTerminal, err: wire.Errorf(wire.ErrPayloadTooLarge,
 			"run state would reach %d bytes, over the limit of %d", rc.stateBytes+len(out), rc.w.cfg.Limits.MaxRunStateBytes)})
 	}
-	rc.w.failpoint("step.after_body_before_commit")
 	err = rc.w.retryWrite(rc, func(context.Context) error {
+		if err := failpoint.Inject(failpoint.StepAfterBodyBeforeCommit); err != nil {
+			return err
+		}
 		err, ok := rc.w.steps.do(store.StepInsertParams{FencedParams: rc.fenced(), Key: key, Seq: seq,
 			Kind: kind, Output: out, Attempt: rc.run.Attempt})
 		if !ok {
@@ -158,12 +161,14 @@ func (rc *runContext) step(userKey string, kind wire.StepKind, body func(context
 			// an attempt whose commit was acknowledged ambiguously.
 			return nil
 		}
+		if err == nil {
+			err = failpoint.Inject(failpoint.StepAfterCommit)
+		}
 		return err
 	})
 	if err != nil {
 		rc.stopOnWriteError(err)
 	}
-	rc.w.failpoint("step.after_commit")
 	rc.stateBytes += len(out)
 	rc.w.metrics.stepsRecorded.Add(1)
 	return out, nil
@@ -228,12 +233,21 @@ func (rc *runContext) park(key string, seq int, d time.Duration, until *time.Tim
 		var err error
 		wakeAt, err = rc.w.store.RunSleep(ctx, store.RunSleepParams{FencedParams: rc.fenced(), StepKey: key, Seq: seq,
 			Duration: d, Until: until})
+		if err == nil {
+			err = failpoint.Inject(failpoint.SleepAfterCommitBeforeRelease)
+			if err != nil {
+				// The sleep is recorded; an ambiguous answer must not park the run twice.
+				until, d = &wakeAt, 0
+			}
+		}
 		return err
 	})
+	if errors.Is(err, wire.ErrLeaseLost) && !wakeAt.IsZero() {
+		err = nil // our own committed sleep, seen again after an ambiguous answer
+	}
 	if err != nil {
 		rc.stopOnWriteError(err)
 	}
-	rc.w.failpoint("sleep.after_commit_before_release")
 	rc.w.bus.PublishTimerHint(wakeAt)
 	panic(unwind{reason: unwindSuspended})
 }

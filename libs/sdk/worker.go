@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/failpoint"
 	"github.com/kagzi/kagzi/libs/store"
 	"github.com/kagzi/kagzi/libs/wire"
 )
@@ -436,7 +437,11 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 		_ = msg.Ack()
 		return
 	}
-	w.failpoint("claim.after_commit_before_ack")
+	if err := failpoint.Inject(failpoint.ClaimAfterCommitBeforeAck); err != nil {
+		// Claimed but not run: the lease lapses and the timer queues the run again.
+		_ = msg.NakWithDelay(time.Second)
+		return
+	}
 	_ = msg.Ack()
 	w.metrics.claimed.Add(1)
 	w.execute(def, run, claimSent)
@@ -506,13 +511,15 @@ func (w *Worker) finishCompleted(rc *runContext, out []byte) {
 		if !ok {
 			return errWorkerStopped
 		}
+		if err == nil {
+			err = failpoint.Inject(failpoint.CompleteAfterCommitBeforeNote)
+		}
 		return err
 	})
 	if err != nil {
 		w.noteWriteError(rc, "complete run", err)
 		return
 	}
-	w.failpoint("complete.after_commit_before_notify")
 	w.metrics.completed.Add(1)
 	w.bus.PublishDone(rc.run.ID, wire.StatusCompleted)
 	rc.log.Debug("run completed")

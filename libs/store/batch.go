@@ -199,6 +199,12 @@ FROM unnest($1::uuid[], $2::bigint[], $3::bytea[]) AS c(id, fence, output)
 WHERE r.id = c.id AND r.fence = c.fence AND r.status = 'RUNNING'
 RETURNING r.id::text`
 
+// Primary-key lookups: which of these runs are COMPLETED under exactly this fence.
+const runsCompletedByFenceSQL = `
+SELECT r.id::text FROM workflow_runs r
+JOIN unnest($1::uuid[], $2::bigint[]) AS c(id, fence) ON r.id = c.id AND r.fence = c.fence
+WHERE r.status = 'COMPLETED'`
+
 // RunsComplete completes many runs in one statement; each result is nil or wraps
 // wire.ErrLeaseLost.
 func (s *Store) RunsComplete(ctx context.Context, reqs []CompleteRequest) []error {
@@ -211,6 +217,18 @@ func (s *Store) RunsComplete(ctx context.Context, reqs []CompleteRequest) []erro
 	if err == nil {
 		var done map[string]bool
 		done, err = collectIDs(rows)
+		if err == nil && len(done) < len(reqs) {
+			// A retry after an ambiguous commit finds its own completion: not an error.
+			rows, err = s.db.Query(ctx, runsCompletedByFenceSQL, ids, fences)
+			if err == nil {
+				var already map[string]bool
+				if already, err = collectIDs(rows); err == nil {
+					for id := range already {
+						done[id] = true
+					}
+				}
+			}
+		}
 		if err == nil {
 			for i, r := range reqs {
 				if !done[r.RunID] {

@@ -65,6 +65,12 @@ func TestBatchClaimStepsComplete(t *testing.T) {
 	if cerrs[0] != nil || cerrs[1] != nil || cerrs[3] != nil || !errors.Is(cerrs[2], wire.ErrLeaseLost) {
 		t.Fatalf("complete errs = %v", cerrs)
 	}
+	// Completing again under the same fence (a retry after an ambiguous commit) is fine;
+	// under another fence it is refused.
+	again := s.RunsComplete(ctx, []store.CompleteRequest{comps[0], {FencedParams: store.FencedParams{RunID: comps[1].RunID, Fence: 5}}})
+	if again[0] != nil || !errors.Is(again[1], wire.ErrLeaseLost) {
+		t.Fatalf("complete again errs = %v", again)
+	}
 	// A re-claim after a sleep brings each run's steps along.
 	fp := store.FencedParams{RunID: res[2].Run.ID, Fence: res[2].Run.Fence}
 	if _, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: fp, StepKey: "nap", Seq: 1}); err != nil {
@@ -74,8 +80,8 @@ func TestBatchClaimStepsComplete(t *testing.T) {
 	if err != nil || len(due) != 1 {
 		t.Fatalf("wake = %v, %v", due, err)
 	}
-	again := s.RunsClaim(ctx, "default", "exec", time.Minute, []store.ClaimRequest{{RunID: due[0].RunID, DispatchSeq: due[0].DispatchSeq, Workflow: "wf"}})
-	if !again[0].OK || len(again[0].Run.Steps) != 2 || again[0].Run.Fence != 2 {
-		t.Fatalf("re-claim = %+v", again[0])
+	reclaim := s.RunsClaim(ctx, "default", "exec", time.Minute, []store.ClaimRequest{{RunID: due[0].RunID, DispatchSeq: due[0].DispatchSeq, Workflow: "wf"}})
+	if !reclaim[0].OK || len(reclaim[0].Run.Steps) != 2 || reclaim[0].Run.Fence != 2 {
+		t.Fatalf("re-claim = %+v", reclaim[0])
 	}
 }
