@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/failpoint"
 	"github.com/kagzi/kagzi/libs/store"
 	"github.com/kagzi/kagzi/libs/wire"
 )
@@ -131,6 +132,9 @@ func resultOf(err error) string {
 // a retryable code and no SQL.
 func (s *Scheduler) insert(ctx context.Context, p store.RunInsertParams) (store.RunInsertResult, error) {
 	res, err := s.st.RunInsert(ctx, p)
+	if err == nil {
+		err = failpoint.Inject(failpoint.StartAfterInsert)
+	}
 	if err == nil || errors.Is(err, wire.ErrIdempotencyConflict) {
 		return res, err
 	}

@@ -7,6 +7,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/failpoint"
 	"github.com/kagzi/kagzi/libs/store"
 	"github.com/kagzi/kagzi/libs/wire"
 )
@@ -47,7 +48,7 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 		for _, d := range ds {
 			t.log.Debug("run woken", runIDField(d.RunID), workflowField(d.Workflow), namespaceField(d.Namespace))
 		}
-		t.publish(ctx, ds)
+		t.publish(ctx, failpoint.TimerAfterCommitBeforePublish, ds)
 		if len(ds) < t.cfg.BatchSize || t.quitting() {
 			break
 		}
@@ -73,7 +74,7 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 			t.log.Info("lease expired; run requeued", fields...)
 			ds = append(ds, e.Dispatch)
 		}
-		t.publish(ctx, ds)
+		t.publish(ctx, failpoint.TimerAfterCommitBeforePublish, ds)
 		if len(es) < t.cfg.BatchSize || t.quitting() {
 			break
 		}
@@ -92,7 +93,7 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 			t.log.Info("dispatch went unclaimed; run re-dispatched", runIDField(d.RunID), workflowField(d.Workflow),
 				namespaceField(d.Namespace), zap.Int64("dispatch_seq", d.DispatchSeq))
 		}
-		t.publish(ctx, ds)
+		t.publish(ctx, failpoint.ReconcileAfterCommitBeforePub, ds)
 		if len(ds) < t.cfg.BatchSize || t.quitting() {
 			break
 		}
@@ -102,8 +103,12 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 
 // publish announces committed dispatches. A failure is logged, not returned: the runs
 // are QUEUED in PostgreSQL, and the reconcile sweep relays them after StaleAfter.
-func (t *Timer) publish(ctx context.Context, ds []store.Dispatch) {
+func (t *Timer) publish(ctx context.Context, point string, ds []store.Dispatch) {
 	if len(ds) == 0 {
+		return
+	}
+	if err := failpoint.Inject(point); err != nil {
+		t.log.Warn("doorbells not published (failpoint)", zap.Int("count", len(ds)), zap.Error(err))
 		return
 	}
 	bells := make([]bus.Doorbell, len(ds))
