@@ -1,6 +1,7 @@
 package sdk
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -22,6 +23,7 @@ type Client struct {
 	namespace string
 	timeout   time.Duration
 	limits    wire.Limits
+	pl        payloads
 }
 
 // ClientOption configures a Client.
@@ -33,6 +35,9 @@ func WithNamespace(ns string) ClientOption { return func(c *Client) { c.namespac
 // WithRequestTimeout bounds one request to the scheduler (default 10s). Start retries a
 // timed-out request with the same request id, so a retry never makes a second run.
 func WithRequestTimeout(d time.Duration) ClientOption { return func(c *Client) { c.timeout = d } }
+
+// WithCodec seals inputs and opens outputs with the codec the workers use.
+func WithCodec(c Codec) ClientOption { return func(cl *Client) { cl.pl = payloads{codec: c} } }
 
 // NewClient returns a client on an open NATS connection.
 func NewClient(nc *nats.Conn, opts ...ClientOption) *Client {
@@ -82,6 +87,9 @@ func (r *Run[O]) Result(ctx context.Context) (O, error) {
 	if info.Status != wire.StatusCompleted {
 		return out, &RunFailedError{RunID: info.ID, Status: info.Status, Attempt: info.Attempt, Message: info.Error}
 	}
+	if r.client.pl.enabled() && bytes.HasPrefix(info.Output, []byte(`"`+envelopePrefix)) {
+		return out, fmt.Errorf("output of run %s: %w", r.ID, ErrCodec) // Describe could not open it
+	}
 	if err := json.Unmarshal(info.Output, &out); err != nil {
 		return out, fmt.Errorf("decode output of run %s: %w", r.ID, err)
 	}
@@ -105,9 +113,14 @@ func (c *Client) StartByName(ctx context.Context, workflow string, input any, op
 	if len(data) > c.limits.MaxInputBytes {
 		return "", wire.Errorf(wire.ErrPayloadTooLarge, "input is %d bytes, over the limit of %d", len(data), c.limits.MaxInputBytes)
 	}
-	req := wire.StartRequest{Namespace: c.namespace, Input: data, RequestID: wire.NewRunID()}
+	// The request id is a UUIDv7 and becomes the run's id, so the input can be sealed
+	// to the run before it exists.
+	req := wire.StartRequest{Namespace: c.namespace, RequestID: wire.NewRunID()}
 	for _, o := range opts {
 		o(&req)
+	}
+	if req.Input, err = c.pl.seal(data, adInput(req.RequestID)); err != nil {
+		return "", err
 	}
 	body, err := json.Marshal(req)
 	if err != nil {
@@ -133,7 +146,33 @@ func (c *Client) Describe(ctx context.Context, runID string) (*RunInfo, error) {
 	if reply.Error != nil {
 		return nil, fmt.Errorf("describe run %s: %w", runID, reply.Error)
 	}
+	c.openRun(reply.Run)
 	return reply.Run, nil
+}
+
+// openRun decodes a run's sealed payloads in place. A payload that fails to decode is
+// left sealed; Result reports it when it decodes the output.
+func (c *Client) openRun(r *RunInfo) {
+	if !c.pl.enabled() || r == nil {
+		return
+	}
+	open := func(b []byte, ad []byte) []byte {
+		if len(b) == 0 {
+			return b
+		}
+		if plain, err := c.pl.open(b, ad); err == nil {
+			return plain
+		}
+		return b
+	}
+	r.Input = open(r.Input, adInput(r.ID))
+	r.Output = open(r.Output, adOutput(r.ID))
+	r.Error = c.pl.openText(r.Error, adError(r.ID))
+	for i := range r.Steps {
+		if r.Steps[i].Kind == wire.StepKindStep {
+			r.Steps[i].Output = open(r.Steps[i].Output, adStep(r.ID, r.Steps[i].Key))
+		}
+	}
 }
 
 // Wait blocks until the run is finished and returns it. It listens for the run's

@@ -16,6 +16,8 @@ var (
 	ErrNonDeterminism      = wire.ErrNonDeterminism
 	ErrLimitExceeded       = wire.ErrLimitExceeded
 	ErrLeaseLost           = wire.ErrLeaseLost
+	// ErrStepTimeout is the error of a step whose body outlived its StepTimeout.
+	ErrStepTimeout = errors.New("step timed out")
 )
 
 type terminalError struct{ err error }

@@ -84,7 +84,11 @@ func (e *env) serveStarts() (stop func(), err error) {
 		if key == "" {
 			key = "request:" + req.RequestID
 		}
-		res, err := e.st.RunInsert(context.Background(), store.RunInsertParams{ID: wire.NewRunID(), Namespace: req.Namespace,
+		id := wire.NewRunID()
+		if wire.ValidRunID(req.RequestID) {
+			id = req.RequestID
+		}
+		res, err := e.st.RunInsert(context.Background(), store.RunInsertParams{ID: id, Namespace: req.Namespace,
 			Workflow: strings.TrimPrefix(m.Subject, wire.StartSubjectPrefix), Input: req.Input, IdempotencyKey: key, MaxAttempts: req.MaxAttempts})
 		if err != nil {
 			reply(wire.StartReply{Error: wire.ToError(err)})

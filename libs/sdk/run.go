@@ -125,23 +125,33 @@ func (rc *runContext) checkNewStep(key string, seq int) {
 
 // step is the core of Step: replay a record, or run the body and record its result
 // under the fence before returning it.
-func (rc *runContext) step(userKey string, kind wire.StepKind, body func(context.Context) ([]byte, error)) ([]byte, error) {
+func (rc *runContext) step(userKey string, kind wire.StepKind, timeout time.Duration, body func(context.Context) ([]byte, error)) ([]byte, error) {
 	key, seq := rc.nextKey(userKey)
 	if rec, ok := rc.replayed(key, seq, kind); ok {
 		if rec.Status == "FAILED" {
 			return nil, Terminal(fmt.Errorf("step %q failed: %s", key, rec.Error))
 		}
-		return rec.Output, nil
+		plain, err := rc.w.pl.open(rec.Output, adStep(rc.run.ID, key))
+		if err != nil {
+			// A record that fails to decode was tampered with or moved: stop rather than
+			// replay it, and never run the body in its place.
+			panic(unwind{reason: unwindTerminal, err: fmt.Errorf("replay step %q: %w", key, err)})
+		}
+		return plain, nil
 	}
 	rc.checkNewStep(key, seq)
 
-	out, err := rc.runBody(key, body)
+	plain, err := rc.runBody(key, timeout, body)
 	if err != nil {
 		return nil, err
 	}
-	if len(out) > rc.w.cfg.Limits.MaxStepOutputBytes {
+	if len(plain) > rc.w.cfg.Limits.MaxStepOutputBytes {
 		panic(unwind{reason: unwindTerminal, err: wire.Errorf(wire.ErrPayloadTooLarge,
-			"output of step %q is %d bytes, over the limit of %d", key, len(out), rc.w.cfg.Limits.MaxStepOutputBytes)})
+			"output of step %q is %d bytes, over the limit of %d", key, len(plain), rc.w.cfg.Limits.MaxStepOutputBytes)})
+	}
+	out, err := rc.w.pl.seal(plain, adStep(rc.run.ID, key))
+	if err != nil {
+		panic(unwind{reason: unwindTerminal, err: err})
 	}
 	if rc.stateBytes+len(out) > rc.w.cfg.Limits.MaxRunStateBytes {
 		panic(unwind{reason: unwindTerminal, err: wire.Errorf(wire.ErrPayloadTooLarge,
@@ -171,21 +181,50 @@ func (rc *runContext) step(userKey string, kind wire.StepKind, body func(context
 	}
 	rc.stateBytes += len(out)
 	rc.w.metrics.stepsRecorded.Add(1)
-	return out, nil
+	return plain, nil
 }
 
 // runBody calls a step body with the step's idempotency key in its context, turning a
-// panic in user code into an error.
-func (rc *runContext) runBody(key string, body func(context.Context) ([]byte, error)) (out []byte, err error) {
+// panic in user code into an error. With a timeout the body runs on its own goroutine:
+// a body that ignores its context (an infinite loop) is abandoned when time is up, and
+// its result, should it ever come, is dropped.
+func (rc *runContext) runBody(key string, timeout time.Duration, body func(context.Context) ([]byte, error)) ([]byte, error) {
+	if timeout <= 0 {
+		timeout = rc.w.cfg.StepTimeout
+	}
+	ctx := context.WithValue(rc.Context, stepKeyCtx{}, rc.run.ID+"/"+key)
+	if timeout <= 0 {
+		return callBody(ctx, key, body)
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	type result struct {
+		out []byte
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, err := callBody(ctx, key, body)
+		done <- result{out, err}
+	}()
+	select {
+	case r := <-done:
+		return r.out, r.err
+	case <-ctx.Done():
+		rc.w.metrics.stepTimeouts.Add(1)
+		return nil, fmt.Errorf("step %q: %w after %s", key, ErrStepTimeout, timeout)
+	}
+}
+
+func callBody(ctx context.Context, key string, body func(context.Context) ([]byte, error)) (out []byte, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			if u, ok := r.(unwind); ok {
-				panic(u) // a nested SDK call unwinding: let it through
+				panic(u) // an SDK call inside a body unwinding: let it through
 			}
 			err = fmt.Errorf("step %q panicked: %v\n%s", key, r, debug.Stack())
 		}
 	}()
-	ctx := context.WithValue(rc.Context, stepKeyCtx{}, rc.run.ID+"/"+key)
 	return body(ctx)
 }
 

@@ -36,7 +36,12 @@ type WorkerConfig struct {
 	Consumer      bus.ConsumerConfig
 	Limits        wire.Limits
 	Logger        *slog.Logger // default: discard
-	ID            string       // default: hostname-pid-random
+	// Codec seals inputs, step outputs, outputs and error messages (see NewAEADCodec).
+	// Clients starting these workflows and reading their results need the same codec.
+	Codec Codec
+	// StepTimeout bounds every step body that sets no StepTimeout of its own; 0: none.
+	StepTimeout time.Duration
+	ID          string // default: hostname-pid-random
 	// SkipSchemaCheck skips the start-up check that the database schema is at least as
 	// new as this SDK. Services that migrate at start-up check by migrating.
 	SkipSchemaCheck bool
@@ -103,7 +108,7 @@ type WorkerStats struct {
 
 type workerMetrics struct {
 	claimed, claimNoops, poison, stepsRecorded, completed, failed, retried atomic.Int64
-	fencedRejected, leaseLost, released, inFlight                          atomic.Int64
+	fencedRejected, leaseLost, released, inFlight, stepTimeouts            atomic.Int64
 }
 
 // Worker hosts workflows: it pulls doorbells from the shared JetStream consumer of each
@@ -116,6 +121,7 @@ type Worker struct {
 	defs    map[string]Registration
 	slots   chan struct{}
 	metrics workerMetrics
+	pl      payloads
 
 	// Group commit of the hot statements across concurrent runs.
 	claims    *batcher[store.ClaimRequest, store.ClaimResult]
@@ -150,6 +156,7 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		defs:  map[string]Registration{},
 		slots: make(chan struct{}, cfg.Concurrency),
 		held:  map[wire.RunID]*runContext{},
+		pl:    payloads{codec: cfg.Codec},
 	}, nil
 }
 
@@ -496,16 +503,23 @@ func (w *Worker) invoke(rc *runContext) (out []byte, err error, u *unwind) {
 			err = fmt.Errorf("workflow panicked: %v\n%s", r, debug.Stack())
 		}
 	}()
-	out, err = rc.def.invoke(rc, rc.run.Input)
+	input, err := w.pl.open(rc.run.Input, adInput(rc.run.ID))
+	if err != nil {
+		return nil, Terminal(fmt.Errorf("decode input: %w", err)), nil
+	}
+	out, err = rc.def.invoke(rc, input)
+	if err != nil {
+		return nil, err, nil
+	}
+	if len(out) > w.cfg.Limits.MaxStepOutputBytes {
+		return nil, Terminal(wire.Errorf(wire.ErrPayloadTooLarge, "workflow output is %d bytes, over the limit of %d",
+			len(out), w.cfg.Limits.MaxStepOutputBytes)), nil
+	}
+	out, err = w.pl.seal(out, adOutput(rc.run.ID))
 	return out, err, nil
 }
 
 func (w *Worker) finishCompleted(rc *runContext, out []byte) {
-	if len(out) > w.cfg.Limits.MaxStepOutputBytes {
-		w.finishFailed(rc, wire.Errorf(wire.ErrPayloadTooLarge, "workflow output is %d bytes, over the limit of %d",
-			len(out), w.cfg.Limits.MaxStepOutputBytes), false)
-		return
-	}
 	err := w.retryWrite(rc, func(context.Context) error {
 		err, ok := w.completes.do(store.CompleteRequest{FencedParams: rc.fenced(), Output: out})
 		if !ok {
@@ -534,10 +548,14 @@ func (w *Worker) finishFailed(rc *runContext, cause error, retry bool) {
 	if len(msg) > 8<<10 {
 		msg = msg[:8<<10] + "…"
 	}
+	stored := w.pl.sealText(msg, adError(rc.run.ID))
+	if w.pl.enabled() {
+		msg = "(sealed by the codec)" // error texts may hold payload data: keep them out of logs
+	}
 	var res store.RunFailResult
 	err := w.retryWrite(rc, func(ctx context.Context) error {
 		var err error
-		res, err = w.store.RunFail(ctx, store.RunFailParams{FencedParams: rc.fenced(), Error: msg, Retry: retry, Backoff: backoff})
+		res, err = w.store.RunFail(ctx, store.RunFailParams{FencedParams: rc.fenced(), Error: stored, Retry: retry, Backoff: backoff})
 		return err
 	})
 	if err != nil {

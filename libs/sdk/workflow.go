@@ -80,13 +80,17 @@ func (d *WorkflowDef[I, O]) invoke(ctx *runContext, input []byte) ([]byte, error
 // An error from fn is returned as is and not recorded: the workflow decides whether to
 // handle it or return it (a returned error retries the run; a Terminal one fails it).
 // ctx must be the workflow's Context.
-func Step[T any](ctx Context, key string, fn func(ctx context.Context) (T, error)) (T, error) {
+func Step[T any](ctx Context, key string, fn func(ctx context.Context) (T, error), opts ...StepOption) (T, error) {
 	var zero T
 	rc, ok := ctx.(*runContext)
 	if !ok {
 		return zero, wire.Errorf(wire.ErrInvalidArgument, "sdk.Step called with a context that is not a workflow's")
 	}
-	rec, err := rc.step(key, wire.StepKindStep, func(stepCtx context.Context) ([]byte, error) {
+	var so stepOptions
+	for _, o := range opts {
+		o(&so)
+	}
+	rec, err := rc.step(key, wire.StepKindStep, so.timeout, func(stepCtx context.Context) ([]byte, error) {
 		out, err := fn(stepCtx)
 		if err != nil {
 			return nil, err
@@ -108,6 +112,16 @@ func Step[T any](ctx Context, key string, fn func(ctx context.Context) (T, error
 	}
 	return out, nil
 }
+
+// StepOption configures one Step.
+type StepOption func(*stepOptions)
+
+type stepOptions struct{ timeout time.Duration }
+
+// StepTimeout bounds the step body: its context is cancelled after d, and a body that
+// does not return in time is abandoned and the step fails with ErrStepTimeout (the run
+// is retried like after any error). Overrides WorkerConfig.StepTimeout.
+func StepTimeout(d time.Duration) StepOption { return func(o *stepOptions) { o.timeout = d } }
 
 // StepKey is the idempotency key of the step running in ctx — "<run id>/<step key>" —
 // stable across every execution of that step. Pass it to external systems so that a

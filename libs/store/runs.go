@@ -62,6 +62,10 @@ func (s *Store) RunInsert(ctx context.Context, p RunInsertParams) (RunInsertResu
 	if err == nil {
 		return res, nil
 	}
+	if isUniqueViolation(err) {
+		// Not the idempotency key (that one is the arbiter): the run id is taken.
+		return RunInsertResult{}, wire.Errorf(wire.ErrIdempotencyConflict, "run id %s is already taken", p.ID)
+	}
 	if !errors.Is(err, pgx.ErrNoRows) {
 		return RunInsertResult{}, fmt.Errorf("insert run %s: %w", p.ID, err)
 	}

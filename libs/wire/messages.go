@@ -17,7 +17,8 @@ type StartRequest struct {
 	// input returns the first run; with another input it fails with idempotency_conflict.
 	IdempotencyKey string `json:"idempotency_key,omitempty"`
 	// RequestID identifies this request so that a retried or redelivered request
-	// creates one run. Clients set it when the caller gave no idempotency key.
+	// creates one run. When it is a canonical lower-case UUID it also becomes the run's
+	// id (the Go client sends a UUIDv7), so a client can bind a sealed input to the run.
 	RequestID   string `json:"request_id,omitempty"`
 	Version     string `json:"version,omitempty"`
 	MaxAttempts int    `json:"max_attempts,omitempty"` // default 5

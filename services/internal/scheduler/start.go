@@ -102,8 +102,14 @@ func (s *Scheduler) parseStart(workflow string, body []byte) (store.RunInsertPar
 		return store.RunInsertParams{}, req, wire.Errorf(wire.ErrPayloadTooLarge,
 			"input is %d bytes, over the limit of %d", len(input), s.cfg.Limits.MaxInputBytes)
 	}
+	// A request id that is a canonical UUID becomes the run's id: a client sealing the
+	// input with a codec binds it to that id before the run exists.
+	id := wire.NewRunID()
+	if wire.ValidRunID(req.RequestID) {
+		id = req.RequestID
+	}
 	return store.RunInsertParams{
-		ID:             wire.NewRunID(),
+		ID:             id,
 		Namespace:      req.Namespace,
 		Workflow:       workflow,
 		Version:        req.Version,
