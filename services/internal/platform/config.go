@@ -33,7 +33,7 @@ import (
 //	NATS_URL                --nats-url                all services, dev, start, describe
 //	NATS_USER, NATS_PASSWORD, NATS_TOKEN (environment only), NATS_NKEY_SEED, NATS_CREDS,
 //	NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY                  wherever NATS_URL is read
-//	KAGZI_NAMESPACE         --namespace               all services, dev
+//	KAGZI_NAMESPACE         --namespace               all services, dev, start, describe
 //	KAGZI_HTTP_ADDR         --http-addr               all services, dev ("off" disables)
 //	KAGZI_LOG_LEVEL         --log-level               everything
 //	KAGZI_LOG_FORMAT        --log-format              everything (json|console)
@@ -150,14 +150,16 @@ func (d DevConfig) Executor() ExecutorConfig {
 type MigrateConfig struct {
 	URL    string // MIGRATION_DATABASE_URL, else DATABASE_URL
 	Action string // "up" (default), "down-all" or "version"
+	Yes    bool   // down-all drops every table: it runs only when confirmed
 	Log    LogConfig
 }
 
 // ClientConfig configures the commands that talk to a running Kagzi over NATS.
 type ClientConfig struct {
-	NATS    bus.ConnOptions
-	Timeout time.Duration // bounds the whole command; 0: none
-	Args    []string      // positional arguments, flags removed
+	NATS      bus.ConnOptions
+	Namespace string        // empty: the scheduler's default namespace
+	Timeout   time.Duration // bounds the whole command; 0: none
+	Args      []string      // positional arguments, flags removed
 }
 
 // LoadScheduler reads the scheduler's configuration.
@@ -225,6 +227,7 @@ func loadMigrate(b *binder) (MigrateConfig, error) {
 	b.str(&dbURL, "database-url", "DATABASE_URL", DefaultDatabaseURL, "PostgreSQL URL")
 	b.str(&migrationURL, "migration-database-url", "MIGRATION_DATABASE_URL", "", "PostgreSQL URL of a role allowed to run DDL (default: DATABASE_URL)")
 	b.log(&cfg.Log, "console")
+	b.fs.BoolVar(&cfg.Yes, "yes", false, "confirm down-all, which drops every Kagzi table and its data")
 	b.positional = func(args []string) error {
 		switch {
 		case len(args) == 0:
@@ -248,7 +251,10 @@ func loadMigrate(b *binder) (MigrateConfig, error) {
 		cfg.URL = migrationURL
 	}
 	if err := validateDatabaseURL("database url", cfg.URL); err != nil {
-		return MigrateConfig{}, err
+		return MigrateConfig{}, &ConfigError{Errs: []error{err}}
+	}
+	if cfg.Action == "down-all" && !cfg.Yes {
+		return MigrateConfig{}, &ConfigError{Errs: []error{errors.New("down-all drops every Kagzi table and its data: add --yes to confirm")}}
 	}
 	return cfg, nil
 }
@@ -263,7 +269,14 @@ func LoadClient(src Source, nargs int, extraFlags func(fs *flag.FlagSet)) (Clien
 func loadClient(b *binder, nargs int, extraFlags func(fs *flag.FlagSet)) (ClientConfig, error) {
 	var cfg ClientConfig
 	b.nats(&cfg.NATS)
-	b.dur(&cfg.Timeout, "timeout", "", 0, "give up after this long (0: wait until interrupted)")
+	b.str(&cfg.Namespace, "namespace", "KAGZI_NAMESPACE", "", "namespace of the run (default: the scheduler's)")
+	b.check(func() error {
+		if cfg.Namespace == "" {
+			return nil
+		}
+		return wire.ValidateName("namespace", cfg.Namespace)
+	})
+	b.dur(&cfg.Timeout, "timeout", "", 0, "give up after this long (0: 30s, or no limit with --wait)")
 	if extraFlags != nil {
 		extraFlags(b.fs)
 	}
@@ -546,7 +559,7 @@ func (b *binder) log(l *LogConfig, format string) {
 func (b *binder) executor(concurrency *int, lease, grace *time.Duration) {
 	b.integer(concurrency, "concurrency", "KAGZI_CONCURRENCY", 64, "runs executed at once")
 	b.dur(lease, "lease", "KAGZI_LEASE", 30*time.Second, "how long a claimed run stays ours without renewal")
-	b.dur(grace, "shutdown-grace", "KAGZI_SHUTDOWN_GRACE", 10*time.Second, "how long running steps may finish on shutdown")
+	b.dur(grace, "shutdown-grace", "KAGZI_SHUTDOWN_GRACE", 25*time.Second, "how long running steps may finish on shutdown")
 	b.check(func() error {
 		var errs []error
 		if *concurrency < 1 {

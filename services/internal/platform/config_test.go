@@ -43,7 +43,7 @@ func TestDefaults(t *testing.T) {
 	if cfg.Log.Level != zapcore.InfoLevel || cfg.Log.Format != "json" {
 		t.Errorf("log = %+v", cfg.Log)
 	}
-	if cfg.Concurrency != 64 || cfg.Lease != 30*time.Second || cfg.ShutdownGrace != 10*time.Second {
+	if cfg.Concurrency != 64 || cfg.Lease != 30*time.Second || cfg.ShutdownGrace != 25*time.Second {
 		t.Errorf("executor = %d %s %s", cfg.Concurrency, cfg.Lease, cfg.ShutdownGrace)
 	}
 
@@ -238,6 +238,12 @@ func TestMigrateConfig(t *testing.T) {
 	}
 	if cfg.URL != "postgres://x@h/db" || cfg.Action != "version" {
 		t.Errorf("cfg = %+v", cfg)
+	}
+	if _, err := LoadMigrate(Source{Args: []string{"down-all"}}); err == nil || !strings.Contains(err.Error(), "--yes") {
+		t.Errorf("down-all without --yes: err = %v", err)
+	}
+	if cfg, err := LoadMigrate(Source{Args: []string{"down-all", "--yes"}}); err != nil || cfg.Action != "down-all" {
+		t.Errorf("down-all --yes: cfg = %+v, err = %v", cfg, err)
 	}
 	if _, err := LoadMigrate(Source{Args: []string{"sideways"}}); err == nil || !strings.Contains(err.Error(), `unknown migrate action "sideways"`) {
 		t.Errorf("err = %v", err)

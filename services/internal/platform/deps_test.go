@@ -39,7 +39,7 @@ func TestPostgresChecksSchemaWithoutAutoMigrate(t *testing.T) {
 	if err := pg2.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if err := pg2.Ready(ctx); err != nil {
+	if err := PostgresCheck(pg2.Pool).Check(ctx); err != nil {
 		t.Fatal(err)
 	}
 	pg2.Stop()
@@ -71,7 +71,7 @@ func TestNATSEnsuresStreams(t *testing.T) {
 	if err := n.Start(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	if err := n.Ready(t.Context()); err != nil {
+	if err := NATSCheck(n.Conn).Check(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := n.Bus.JetStream().Stream(t.Context(), wire.TaskStream); err != nil {
@@ -79,7 +79,7 @@ func TestNATSEnsuresStreams(t *testing.T) {
 	}
 	n.Stop()
 	n.Stop()
-	if err := n.Ready(t.Context()); err == nil {
+	if err := NATSCheck(n.Conn).Check(t.Context()); err == nil {
 		t.Error("ready after Stop")
 	}
 }
@@ -99,7 +99,7 @@ func TestNATSDownIsNotFatal(t *testing.T) {
 	if err := n.Start(ctx); err != nil {
 		t.Fatalf("start while NATS is down: %v", err)
 	}
-	if err := n.Ready(ctx); err == nil {
+	if err := NATSCheck(n.Conn).Check(ctx); err == nil {
 		t.Error("ready while NATS is down")
 	}
 }

@@ -33,7 +33,9 @@ func NewNATS(o bus.ConnOptions, log *zap.Logger) (*NATS, error) {
 		return nil, err
 	}
 	nc.SetDisconnectErrHandler(func(_ *nats.Conn, err error) {
-		log.Warn("nats disconnected", zap.Error(err))
+		if err != nil { // nil: our own Close
+			log.Warn("nats disconnected", zap.Error(err))
+		}
 	})
 	nc.SetReconnectHandler(func(c *nats.Conn) {
 		log.Info("nats reconnected", zap.String("url", c.ConnectedUrlRedacted()))
@@ -65,10 +67,12 @@ func (n *NATS) Stop() {
 
 var errNATSNotConnected = errors.New("not connected")
 
-// Ready reports whether the connection is up.
-func (n *NATS) Ready(context.Context) error {
-	if !n.Conn.IsConnected() {
-		return errNATSNotConnected
-	}
-	return nil
+// NATSCheck is the readiness check of a connection: it is connected (not reconnecting).
+func NATSCheck(nc *nats.Conn) ReadyCheck {
+	return ReadyCheck{Name: "nats", Check: func(context.Context) error {
+		if !nc.IsConnected() {
+			return errNATSNotConnected
+		}
+		return nil
+	}}
 }

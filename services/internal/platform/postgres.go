@@ -57,5 +57,7 @@ func (p *Postgres) Start(ctx context.Context) error {
 // Stop closes the pool; it waits for connections in use to be returned.
 func (p *Postgres) Stop() { p.Pool.Close() }
 
-// Ready reports whether PostgreSQL answers.
-func (p *Postgres) Ready(ctx context.Context) error { return p.Pool.Ping(ctx) }
+// PostgresCheck is the readiness check of a pool: PostgreSQL answers a ping.
+func PostgresCheck(pool *pgxpool.Pool) ReadyCheck {
+	return ReadyCheck{Name: "postgres", Check: pool.Ping}
+}

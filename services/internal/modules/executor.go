@@ -1,0 +1,96 @@
+package modules
+
+import (
+	"fmt"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/fx"
+	"go.uber.org/zap"
+
+	"github.com/kagzi/kagzi/libs/sdk"
+	"github.com/kagzi/kagzi/services/internal/platform"
+)
+
+// ExecutorModule runs an SDK worker hosting workflows. The reference executor passes the
+// demo workflows; an operator's own executor binary passes its own. It needs
+// PlatformModule and a platform.ExecutorConfig.
+func ExecutorModule(workflows ...sdk.Registration) fx.Option {
+	return fx.Module("executor",
+		fx.Provide(
+			func(cfg platform.ExecutorConfig, pool *pgxpool.Pool, nc *nats.Conn, log *zap.Logger, reg prometheus.Registerer) (*sdk.Worker, error) {
+				w, err := newWorker(cfg, pool, nc, log, workflows)
+				if err != nil {
+					return nil, err
+				}
+				if err := registerWorkerMetrics(reg, w); err != nil {
+					return nil, err
+				}
+				return w, nil
+			},
+			fx.Private,
+		),
+		fx.Invoke(func(lc fx.Lifecycle, w *sdk.Worker) {
+			// The worker's Stop takes the stop context itself, so it is a hook as it is.
+			lc.Append(fx.Hook{OnStart: w.Start, OnStop: w.Stop})
+		}),
+	)
+}
+
+func newWorker(cfg platform.ExecutorConfig, pool *pgxpool.Pool, nc *nats.Conn, log *zap.Logger, workflows []sdk.Registration) (*sdk.Worker, error) {
+	w, err := sdk.NewWorker(sdk.WorkerConfig{
+		Pool:          pool,
+		Conn:          nc,
+		Namespace:     cfg.Namespace,
+		Concurrency:   cfg.Concurrency,
+		Lease:         cfg.Lease,
+		ShutdownGrace: cfg.ShutdownGrace,
+		Logger:        platform.NewSlog(log.Named("executor")),
+		// PlatformModule has already migrated the schema or checked its version.
+		SkipSchemaCheck: true,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create worker: %w", err)
+	}
+	if err := w.Register(workflows...); err != nil {
+		return nil, fmt.Errorf("register workflows: %w", err)
+	}
+	return w, nil
+}
+
+// registerWorkerMetrics exposes the worker's counters. The SDK keeps plain counters so
+// that users' executors do not take on Prometheus; the services read them at scrape time.
+func registerWorkerMetrics(reg prometheus.Registerer, w *sdk.Worker) error {
+	counters := []struct {
+		name, help string
+		value      func(sdk.WorkerStats) int64
+	}{
+		{"runs_claimed_total", "Runs claimed by this executor.", func(s sdk.WorkerStats) int64 { return s.Claimed }},
+		{"claim_noops_total", "Task messages that claimed nothing (stale, duplicate or forged).", func(s sdk.WorkerStats) int64 { return s.ClaimNoops }},
+		{"poison_messages_total", "Task messages that were not tasks, terminated.", func(s sdk.WorkerStats) int64 { return s.Poison }},
+		{"steps_recorded_total", "Step results recorded.", func(s sdk.WorkerStats) int64 { return s.StepsRecorded }},
+		{"runs_completed_total", "Runs that ended COMPLETED here.", func(s sdk.WorkerStats) int64 { return s.Completed }},
+		{"runs_failed_total", "Runs that ended FAILED here.", func(s sdk.WorkerStats) int64 { return s.Failed }},
+		{"runs_retried_total", "Attempts that ended in a durable retry.", func(s sdk.WorkerStats) int64 { return s.Retried }},
+		{"fenced_writes_rejected_total", "Writes refused because another executor holds the run.", func(s sdk.WorkerStats) int64 { return s.FencedRejected }},
+		{"leases_lost_total", "Runs dropped because their lease was lost.", func(s sdk.WorkerStats) int64 { return s.LeaseLost }},
+		{"runs_released_total", "Runs handed back to the queue at shutdown.", func(s sdk.WorkerStats) int64 { return s.Released }},
+	}
+	for _, c := range counters {
+		value := c.value
+		err := reg.Register(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "kagzi", Subsystem: "executor", Name: c.name, Help: c.help,
+		}, func() float64 { return float64(value(w.Stats())) }))
+		if err != nil {
+			return fmt.Errorf("register executor metric %s: %w", c.name, err)
+		}
+	}
+	err := reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "kagzi", Subsystem: "executor", Name: "runs_in_flight", Help: "Runs executing now.",
+	}, func() float64 { return float64(w.Stats().InFlight) }))
+	if err != nil {
+		return fmt.Errorf("register executor metric runs_in_flight: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,29 @@
+package modules
+
+import (
+	"go.uber.org/fx"
+
+	"github.com/kagzi/kagzi/services/internal/platform"
+	"github.com/kagzi/kagzi/services/internal/timer"
+)
+
+// TimerModule runs the timer: it wakes due sleepers and retries, expires lost leases and
+// re-dispatches runs whose task message went missing. It needs PlatformModule and a
+// platform.TimerConfig.
+var TimerModule = fx.Module("timer",
+	fx.Provide(
+		timerConfig,
+		timer.NewMetrics,
+		timer.New,
+		fx.Private,
+	),
+	fx.Invoke(func(lc fx.Lifecycle, t *timer.Timer) {
+		lc.Append(platform.Hook("timer", t))
+	}),
+)
+
+// timerConfig sets what the operator configures; batch sizes and the periodic checks
+// stay at the timer's own defaults.
+func timerConfig(cfg platform.TimerConfig) timer.Config {
+	return timer.Config{StaleAfter: cfg.StaleAfter, MaxIdle: cfg.MaxIdle}
+}
