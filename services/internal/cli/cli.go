@@ -17,7 +17,9 @@ import (
 	"time"
 
 	"go.uber.org/fx"
+	"go.uber.org/zap/zapcore"
 
+	"github.com/kagzi/kagzi/services/internal/modules"
 	"github.com/kagzi/kagzi/services/internal/platform"
 )
 
@@ -70,7 +72,8 @@ func configFailed(env Env, program string, err error) int {
 
 // runApp starts app, waits for ctx to end and stops it. fx rolls back the hooks that had
 // started when a later one fails, so a failed start needs no Stop.
-func runApp(ctx context.Context, env Env, program string, app *fx.App) int {
+func runApp(ctx context.Context, env Env, program string, opts ...fx.Option) int {
+	app := fx.New(fx.Options(opts...), fx.Supply(&modules.LogOutput{WriteSyncer: zapcore.AddSync(env.Stderr)}))
 	if err := app.Err(); err != nil {
 		fmt.Fprintf(env.Stderr, "%s: %v\n", program, err)
 		return ExitFailure

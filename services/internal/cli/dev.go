@@ -61,11 +61,10 @@ func Dev(ctx context.Context, program string, args []string, env Env) int {
 		return ExitFailure
 	}
 
-	app := fx.New(modules.Dev(cfg, demo.Workflows()), fx.Invoke(func(lc fx.Lifecycle) {
+	return runApp(ctx, env, program, modules.Dev(cfg, demo.Workflows()), fx.Invoke(func(lc fx.Lifecycle) {
 		// Appended after every service's hook, so it runs once all of them have started.
 		lc.Append(fx.StartHook(func() { printDevBanner(env, cfg) }))
 	}))
-	return runApp(ctx, env, program, app)
 }
 
 func printDevBanner(env Env, cfg platform.DevConfig) {

@@ -3,8 +3,6 @@ package cli
 import (
 	"context"
 
-	"go.uber.org/fx"
-
 	"github.com/kagzi/kagzi/services/internal/demo"
 	"github.com/kagzi/kagzi/services/internal/modules"
 	"github.com/kagzi/kagzi/services/internal/platform"
@@ -16,7 +14,7 @@ func Scheduler(ctx context.Context, program string, args []string, env Env) int 
 	if err != nil {
 		return configFailed(env, program, err)
 	}
-	return runApp(ctx, env, program, fx.New(modules.Scheduler(cfg)))
+	return runApp(ctx, env, program, modules.Scheduler(cfg))
 }
 
 // Timer runs the timer service.
@@ -25,7 +23,7 @@ func Timer(ctx context.Context, program string, args []string, env Env) int {
 	if err != nil {
 		return configFailed(env, program, err)
 	}
-	return runApp(ctx, env, program, fx.New(modules.Timer(cfg)))
+	return runApp(ctx, env, program, modules.Timer(cfg))
 }
 
 // Executor runs the reference executor, which hosts the demo workflows. An executor of
@@ -35,5 +33,5 @@ func Executor(ctx context.Context, program string, args []string, env Env) int {
 	if err != nil {
 		return configFailed(env, program, err)
 	}
-	return runApp(ctx, env, program, fx.New(modules.Executor(cfg, demo.Workflows())))
+	return runApp(ctx, env, program, modules.Executor(cfg, demo.Workflows()))
 }

@@ -55,7 +55,7 @@ func AppOptions() fx.Option {
 // NATS connection and bus, and the health and metrics server. It needs a platform.Config.
 var PlatformModule = fx.Module("platform",
 	fx.Provide(
-		newLogger,
+		fx.Annotate(newLogger, fx.ParamTags(``, ``, `optional:"true"`)),
 		fx.Annotate(platform.NewRegistry, fx.As(fx.Self()), fx.As(new(prometheus.Registerer))),
 		newPostgres,
 		newNATS,
@@ -64,8 +64,16 @@ var PlatformModule = fx.Module("platform",
 	fx.Invoke(serveHTTP),
 )
 
-func newLogger(lc fx.Lifecycle, cfg platform.Config) (*zap.Logger, error) {
-	log, err := platform.NewLogger(cfg.Log, zapcore.Lock(os.Stderr))
+// LogOutput is where a process logs. It is optional: stderr unless the process supplies
+// one (the kagzi command supplies its own stderr, so tests of it capture the logs).
+type LogOutput struct{ zapcore.WriteSyncer }
+
+func newLogger(lc fx.Lifecycle, cfg platform.Config, out *LogOutput) (*zap.Logger, error) {
+	ws := zapcore.Lock(os.Stderr)
+	if out != nil {
+		ws = zapcore.Lock(out.WriteSyncer)
+	}
+	log, err := platform.NewLogger(cfg.Log, ws)
 	if err != nil {
 		return nil, err
 	}
