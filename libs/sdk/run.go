@@ -29,6 +29,7 @@ const (
 	unwindSuspended unwindReason = iota + 1 // run parked (SLEEPING); nothing more to do
 	unwindLeaseLost                         // another executor owns the run now
 	unwindTerminal                          // fail the run, no retry
+	unwindHistoryEnd                        // Replay: the workflow needs a step the history lacks
 )
 
 // runContext is the Context of one claimed run on one executor.
@@ -40,6 +41,7 @@ type runContext struct {
 	log    *slog.Logger
 	cancel context.CancelFunc
 
+	replayOnly bool           // Replay: never run a body, never write
 	seq        int            // next step position
 	seen       map[string]int // occurrences of each user key
 	stateBytes int
@@ -138,6 +140,9 @@ func (rc *runContext) step(userKey string, kind wire.StepKind, timeout time.Dura
 			panic(unwind{reason: unwindTerminal, err: fmt.Errorf("replay step %q: %w", key, err)})
 		}
 		return plain, nil
+	}
+	if rc.replayOnly {
+		panic(unwind{reason: unwindHistoryEnd})
 	}
 	rc.checkNewStep(key, seq)
 
@@ -255,6 +260,9 @@ func (rc *runContext) sleep(userKey string, d time.Duration, until *time.Time) e
 			return nil
 		}
 		rc.park(key, seq, 0, rec.WakeAt) // claimed before the wake time (a stray doorbell): sleep on
+	}
+	if rc.replayOnly {
+		panic(unwind{reason: unwindHistoryEnd})
 	}
 	rc.checkNewStep(key, seq)
 	if until == nil && d <= 0 {

@@ -385,3 +385,41 @@ func TestIdempotentStart(t *testing.T) {
 		t.Fatalf("start with another input: err = %v, want ErrIdempotencyConflict", err)
 	}
 }
+
+func TestReplayDetectsAReorderedHistory(t *testing.T) {
+	t.Parallel()
+	var bodies atomic.Int32
+	body := func(context.Context) (int, error) { bodies.Add(1); return 1, nil }
+	original := sdk.Workflow("replayed", func(ctx sdk.Context, _ struct{}) (int, error) {
+		a, _ := sdk.Step(ctx, "a", body)
+		if err := ctx.Sleep("nap", time.Hour); err != nil {
+			return 0, err
+		}
+		b, _ := sdk.Step(ctx, "b", body)
+		return a + b, nil
+	})
+	reordered := sdk.Workflow("replayed", func(ctx sdk.Context, _ struct{}) (int, error) {
+		b, _ := sdk.Step(ctx, "b", body)
+		a, _ := sdk.Step(ctx, "a", body)
+		return a + b, nil
+	})
+	wake := time.Now()
+	history := &sdk.RunInfo{ID: wire.NewRunID(), Workflow: "replayed", Status: wire.StatusCompleted, Input: []byte(`{}`),
+		Steps: []wire.StepInfo{{Key: "a", Seq: 0, Kind: wire.StepKindStep, Status: "COMPLETED", Output: []byte(`1`)},
+			{Key: "nap", Seq: 1, Kind: wire.StepKindSleep, Status: "COMPLETED", WakeAt: &wake},
+			{Key: "b", Seq: 2, Kind: wire.StepKindStep, Status: "COMPLETED", Output: []byte(`1`)}}}
+	if err := sdk.Replay(original, history, nil); err != nil {
+		t.Fatalf("replay of the same code: %v", err)
+	}
+	inFlight := *history
+	inFlight.Steps = history.Steps[:1]
+	if err := sdk.Replay(original, &inFlight, nil); err != nil {
+		t.Fatalf("replay of an in-flight history: %v", err)
+	}
+	if err := sdk.Replay(reordered, history, nil); !errors.Is(err, sdk.ErrNonDeterminism) {
+		t.Fatalf("replay of reordered code: err = %v, want ErrNonDeterminism", err)
+	}
+	if bodies.Load() != 0 {
+		t.Fatalf("replay ran %d step bodies, want 0", bodies.Load())
+	}
+}
