@@ -26,10 +26,10 @@ type unwind struct {
 type unwindReason int
 
 const (
-	unwindSuspended unwindReason = iota + 1 // run parked (SLEEPING); nothing more to do
-	unwindLeaseLost                         // another executor owns the run now
-	unwindTerminal                          // fail the run, no retry
-	unwindHistoryEnd                        // Replay: the workflow needs a step the history lacks
+	unwindSuspended  unwindReason = iota + 1 // run parked (SLEEPING); nothing more to do
+	unwindLeaseLost                          // another executor owns the run now
+	unwindTerminal                           // fail the run, no retry
+	unwindHistoryEnd                         // Replay: the workflow needs a step the history lacks
 )
 
 // runContext is the Context of one claimed run on one executor.
