@@ -166,7 +166,7 @@ func (rc *runContext) step(userKey string, kind wire.StepKind, timeout time.Dura
 		if err := failpoint.Inject(failpoint.StepAfterBodyBeforeCommit); err != nil {
 			return err
 		}
-		err, ok := rc.w.steps.do(store.StepInsertParams{FencedParams: rc.fenced(), Key: key, Seq: seq,
+		err, ok := rc.w.steps.Do(store.StepInsertParams{FencedParams: rc.fenced(), Key: key, Seq: seq,
 			Kind: kind, Output: out, Attempt: rc.run.Attempt})
 		if !ok {
 			return errWorkerStopped

@@ -17,6 +17,7 @@ import (
 
 	"github.com/kagzi/kagzi/libs/bus"
 	"github.com/kagzi/kagzi/libs/failpoint"
+	"github.com/kagzi/kagzi/libs/groupcommit"
 	"github.com/kagzi/kagzi/libs/store"
 	"github.com/kagzi/kagzi/libs/wire"
 )
@@ -124,9 +125,9 @@ type Worker struct {
 	pl      payloads
 
 	// Group commit of the hot statements across concurrent runs.
-	claims    *batcher[store.ClaimRequest, store.ClaimResult]
-	steps     *batcher[store.StepInsertParams, error]
-	completes *batcher[store.CompleteRequest, error]
+	claims    *groupcommit.Batcher[store.ClaimRequest, store.ClaimResult]
+	steps     *groupcommit.Batcher[store.StepInsertParams, error]
+	completes *groupcommit.Batcher[store.CompleteRequest, error]
 
 	mu              sync.Mutex
 	held            map[wire.RunID]*runContext
@@ -226,11 +227,11 @@ func (w *Worker) Start(ctx context.Context) error {
 	for i := 0; i < w.cfg.Concurrency; i++ {
 		w.slots <- struct{}{}
 	}
-	w.claims = newBatcher(2, 256, func(ctx context.Context, reqs []store.ClaimRequest) []store.ClaimResult {
+	w.claims = groupcommit.New(2, 256, func(ctx context.Context, reqs []store.ClaimRequest) []store.ClaimResult {
 		return w.store.RunsClaim(ctx, w.cfg.Namespace, w.cfg.ID, w.cfg.Lease, reqs)
 	})
-	w.steps = newBatcher(2, 256, w.store.StepsInsert)
-	w.completes = newBatcher(2, 256, w.store.RunsComplete)
+	w.steps = groupcommit.New(2, 256, w.store.StepsInsert)
+	w.completes = groupcommit.New(2, 256, w.store.RunsComplete)
 	fetchCtx, cancelFetch := context.WithCancel(context.Background())
 	hbCtx, cancelHeartbeat := context.WithCancel(context.Background())
 	w.cancelFetch, w.cancelHeartbeat = cancelFetch, cancelHeartbeat
@@ -285,9 +286,9 @@ func (w *Worker) Stop(ctx context.Context) error {
 		case <-time.After(2 * time.Second):
 			w.log.Warn("stopping with step bodies still running", "in_flight", w.metrics.inFlight.Load())
 		}
-		w.claims.close()
-		w.steps.close()
-		w.completes.close()
+		w.claims.Close()
+		w.steps.Close()
+		w.completes.Close()
 		delCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if e := w.store.WorkerDelete(delCtx, w.cfg.ID); e != nil {
@@ -427,7 +428,7 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 		return
 	}
 	claimSent := time.Now()
-	res, done := w.claims.do(store.ClaimRequest{RunID: task.RunID, DispatchSeq: task.DispatchSeq, Workflow: def.Name()})
+	res, done := w.claims.Do(store.ClaimRequest{RunID: task.RunID, DispatchSeq: task.DispatchSeq, Workflow: def.Name()})
 	run, ok, err := res.Run, res.OK, res.Err
 	if !done {
 		err = errWorkerStopped
@@ -521,7 +522,7 @@ func (w *Worker) invoke(rc *runContext) (out []byte, err error, u *unwind) {
 
 func (w *Worker) finishCompleted(rc *runContext, out []byte) {
 	err := w.retryWrite(rc, func(context.Context) error {
-		err, ok := w.completes.do(store.CompleteRequest{FencedParams: rc.fenced(), Output: out})
+		err, ok := w.completes.Do(store.CompleteRequest{FencedParams: rc.fenced(), Output: out})
 		if !ok {
 			return errWorkerStopped
 		}

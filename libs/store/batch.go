@@ -256,3 +256,65 @@ func collectIDs(rows pgx.Rows) (map[string]bool, error) {
 	}
 	return ids, rows.Err()
 }
+
+// One multi-row insert for a batch of starts; the idempotency unique index is the arbiter,
+// so a key already taken (or repeated within the batch) inserts nothing and is resolved
+// by the single form.
+const runsInsertSQL = `
+INSERT INTO workflow_runs (id, namespace, workflow, version, status, input, idempotency_key, max_attempts)
+SELECT id, namespace, workflow, version, 'QUEUED', input, key, max_attempts
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::int[])
+     AS t(id, namespace, workflow, version, input, key, max_attempts)
+ON CONFLICT (namespace, workflow, idempotency_key) DO NOTHING
+RETURNING id::text, dispatch_seq`
+
+// InsertResult answers one RunsInsert request.
+type InsertResult struct {
+	RunInsertResult
+	Err error
+}
+
+// RunsInsert creates many runs in one statement, with RunInsert's semantics for each.
+func (s *Store) RunsInsert(ctx context.Context, ps []RunInsertParams) []InsertResult {
+	out := make([]InsertResult, len(ps))
+	n := len(ps)
+	ids, nss, wfs, vers := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	inputs, keys, maxes := make([][]byte, n), make([]string, n), make([]int32, n)
+	for i, p := range ps {
+		if p.MaxAttempts <= 0 {
+			p.MaxAttempts = 5
+		}
+		ids[i], nss[i], wfs[i], vers[i] = p.ID, p.Namespace, p.Workflow, p.Version
+		inputs[i], keys[i], maxes[i] = p.Input, p.IdempotencyKey, int32(p.MaxAttempts)
+	}
+	inserted := map[string]int64{}
+	rows, err := s.db.Query(ctx, runsInsertSQL, ids, nss, wfs, vers, inputs, keys, maxes)
+	if err == nil {
+		for rows.Next() {
+			var id string
+			var seq int64
+			if err = rows.Scan(&id, &seq); err != nil {
+				rows.Close()
+				break
+			}
+			inserted[id] = seq
+		}
+		if err == nil {
+			err = rows.Err()
+		}
+	}
+	if err != nil {
+		// A run id already taken fails the whole statement: fall back to one by one so
+		// only the offending start gets the error.
+		inserted = map[string]int64{}
+	}
+	for i, p := range ps {
+		if seq, ok := inserted[p.ID]; ok {
+			out[i].RunInsertResult = RunInsertResult{Dispatch: Dispatch{RunID: p.ID, Namespace: p.Namespace,
+				Workflow: p.Workflow, DispatchSeq: seq}, Status: wire.StatusQueued}
+			continue
+		}
+		out[i].RunInsertResult, out[i].Err = s.RunInsert(ctx, p)
+	}
+	return out
+}

@@ -85,3 +85,32 @@ func TestBatchClaimStepsComplete(t *testing.T) {
 		t.Fatalf("re-claim = %+v", reclaim[0])
 	}
 }
+
+func TestRunsInsertBatch(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	ctx := context.Background()
+	existing := insertRun(t, s, "taken")
+	p := func(key, input string) store.RunInsertParams {
+		return store.RunInsertParams{ID: wire.NewRunID(), Namespace: "default", Workflow: "wf", Input: []byte(input), IdempotencyKey: key}
+	}
+	reqs := []store.RunInsertParams{p("new-1", `1`), p("taken", `{"a":1}`), p("taken", `2`), p("new-2", `2`), p("new-2", `2`)}
+	res := s.RunsInsert(ctx, reqs)
+	switch {
+	case res[0].Err != nil || res[0].Existing || res[0].RunID != reqs[0].ID:
+		t.Fatalf("new run: %+v", res[0])
+	case res[1].Err != nil || !res[1].Existing || res[1].RunID != existing.RunID:
+		t.Fatalf("same key, same input: %+v", res[1])
+	case !errors.Is(res[2].Err, wire.ErrIdempotencyConflict):
+		t.Fatalf("same key, other input: %+v", res[2])
+	case res[3].Err != nil || res[4].Err != nil || res[4].RunID != res[3].RunID || !res[4].Existing:
+		t.Fatalf("a key twice in one batch: %+v / %+v", res[3], res[4])
+	}
+	// A run id already taken fails only its own start.
+	dup := p("other", `1`)
+	dup.ID = existing.RunID
+	res = s.RunsInsert(ctx, []store.RunInsertParams{p("fine", `1`), dup})
+	if res[0].Err != nil || !errors.Is(res[1].Err, wire.ErrIdempotencyConflict) {
+		t.Fatalf("id collision: %+v / %+v", res[0], res[1])
+	}
+}

@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/groupcommit"
 	"github.com/kagzi/kagzi/libs/store"
 	"github.com/kagzi/kagzi/libs/wire"
 )
@@ -99,6 +100,9 @@ type Scheduler struct {
 	b   *bus.Bus
 	log *zap.Logger
 	m   *Metrics
+	// inserts group-commits concurrent starts: one statement and one commit for all the
+	// starts that arrive while the previous batch is being written.
+	inserts *groupcommit.Batcher[store.RunInsertParams, store.InsertResult]
 
 	mu      sync.Mutex
 	state   int // 0 new, 1 started, 2 stopped
@@ -144,6 +148,7 @@ func (s *Scheduler) Start(ctx context.Context) error {
 	if s.state != 0 {
 		return errors.New("scheduler: Start called twice or after Stop")
 	}
+	s.inserts = groupcommit.New(2, 256, s.st.RunsInsert)
 
 	if err := s.b.EnsureStreams(ctx); err != nil {
 		s.m.EnsureFailures.Inc()
@@ -195,6 +200,9 @@ func (s *Scheduler) Stop() {
 		s.state = 2
 		s.mu.Unlock()
 		s.cancel()
+		if s.inserts != nil {
+			s.inserts.Close() // Start failed after making it
+		}
 		return
 	}
 	s.state = 2
@@ -214,6 +222,7 @@ func (s *Scheduler) Stop() {
 	s.wg.Wait()
 	t.Stop()
 	s.cancel()
+	s.inserts.Close()
 	s.log.Info("scheduler stopped")
 }
 

@@ -137,7 +137,11 @@ func resultOf(err error) string {
 // timeout) is logged here with its detail and returned as ErrUnavailable, so callers see
 // a retryable code and no SQL.
 func (s *Scheduler) insert(ctx context.Context, p store.RunInsertParams) (store.RunInsertResult, error) {
-	res, err := s.st.RunInsert(ctx, p)
+	r, ok := s.inserts.Do(p)
+	res, err := r.RunInsertResult, r.Err
+	if !ok {
+		err = errors.New("scheduler stopping")
+	}
 	if err == nil {
 		err = failpoint.Inject(failpoint.StartAfterInsert)
 	}

@@ -1,15 +1,16 @@
-package sdk
+// Package groupcommit batches concurrent requests into one call: while a flush is in
+// flight the next requests queue up, so under load one statement and one commit serve
+// many callers, and an idle system flushes each request at once (no timer, no added
+// latency). Each caller waits for its own result, which it gets only after the flush.
+package groupcommit
 
 import (
 	"context"
 	"sync"
 )
 
-// batcher is group commit: concurrent callers hand it one item each, and while a flush
-// is in flight the next items queue up, so under load one statement and one commit serve
-// many runs, and an idle system flushes each item at once (no timer, no added latency).
-// Each caller waits for its own item's result, which it gets only after the commit.
-type batcher[Req, Res any] struct {
+// Batcher runs flush over batches of concurrent requests.
+type Batcher[Req, Res any] struct {
 	flush    func(ctx context.Context, reqs []Req) []Res // one result per request, same order
 	maxBatch int
 	in       chan batchItem[Req, Res]
@@ -22,8 +23,10 @@ type batchItem[Req, Res any] struct {
 	done chan Res
 }
 
-func newBatcher[Req, Res any](flushers, maxBatch int, flush func(context.Context, []Req) []Res) *batcher[Req, Res] {
-	b := &batcher[Req, Res]{flush: flush, maxBatch: maxBatch, in: make(chan batchItem[Req, Res], maxBatch*flushers), stop: make(chan struct{})}
+// New starts flushers goroutines, each flushing up to maxBatch requests at a time. flush
+// returns one result per request, in order.
+func New[Req, Res any](flushers, maxBatch int, flush func(context.Context, []Req) []Res) *Batcher[Req, Res] {
+	b := &Batcher[Req, Res]{flush: flush, maxBatch: maxBatch, in: make(chan batchItem[Req, Res], maxBatch*flushers), stop: make(chan struct{})}
 	for range flushers {
 		b.wg.Add(1)
 		go b.loop()
@@ -31,9 +34,9 @@ func newBatcher[Req, Res any](flushers, maxBatch int, flush func(context.Context
 	return b
 }
 
-// do submits one request and waits for its result; ok is false when the batcher was
-// closed first (a step body that outlived its worker's Stop).
-func (b *batcher[Req, Res]) do(req Req) (res Res, ok bool) {
+// Do submits one request and waits for its result; ok is false when the batcher was
+// closed first.
+func (b *Batcher[Req, Res]) Do(req Req) (res Res, ok bool) {
 	item := batchItem[Req, Res]{req: req, done: make(chan Res, 1)}
 	select {
 	case b.in <- item:
@@ -48,7 +51,7 @@ func (b *batcher[Req, Res]) do(req Req) (res Res, ok bool) {
 	}
 }
 
-func (b *batcher[Req, Res]) loop() {
+func (b *Batcher[Req, Res]) loop() {
 	defer b.wg.Done()
 	items := make([]batchItem[Req, Res], 0, b.maxBatch)
 	reqs := make([]Req, 0, b.maxBatch)
@@ -79,8 +82,8 @@ func (b *batcher[Req, Res]) loop() {
 	}
 }
 
-// close stops the flushers once callers are gone; pending items must have been served.
-func (b *batcher[Req, Res]) close() {
+// Close stops the flushers; callers still waiting get ok == false.
+func (b *Batcher[Req, Res]) Close() {
 	close(b.stop)
 	b.wg.Wait()
 }

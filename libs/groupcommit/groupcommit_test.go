@@ -1,0 +1,62 @@
+package groupcommit_test
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/kagzi/kagzi/libs/groupcommit"
+)
+
+// Concurrent callers are served in fewer flushes than calls, each gets its own result,
+// and a closed batcher answers ok == false instead of hanging.
+func TestBatchesConcurrentCallers(t *testing.T) {
+	var flushes atomic.Int32
+	release := make(chan struct{})
+	b := groupcommit.New(1, 64, func(_ context.Context, reqs []int) []int {
+		if flushes.Add(1) == 1 {
+			<-release // hold the first flush so the others queue up behind it
+		}
+		out := make([]int, len(reqs))
+		for i, r := range reqs {
+			out[i] = r * 2
+		}
+		return out
+	})
+	var wg sync.WaitGroup
+	var wrong atomic.Int32
+	first := make(chan struct{})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		close(first)
+		if v, ok := b.Do(-1); !ok || v != -2 {
+			wrong.Add(1)
+		}
+	}()
+	<-first
+	for i := range 100 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if v, ok := b.Do(i); !ok || v != 2*i {
+				wrong.Add(1)
+			}
+		}()
+	}
+	for len(release) == 0 && flushes.Load() == 0 {
+	}
+	close(release)
+	wg.Wait()
+	if wrong.Load() != 0 {
+		t.Fatalf("%d callers got a wrong result", wrong.Load())
+	}
+	if n := flushes.Load(); n >= 101 || n < 2 {
+		t.Fatalf("%d flushes for 101 calls: no batching", n)
+	}
+	b.Close()
+	if _, ok := b.Do(1); ok {
+		t.Fatal("Do on a closed batcher succeeded")
+	}
+}
