@@ -1,0 +1,62 @@
+# Kagzi's build, test and lint entry points. Every Go module of go.work is tested and
+# linted on its own (go test ./... does not cross module boundaries).
+
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(PATH)
+
+GO      ?= go
+MODULES := libs services examples migrations
+BINS    := kagzi scheduler timer executor
+
+# staticcheck 2026.2.2: the 2025.1 releases predate Go 1.26 and are not on the module proxy.
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/kagzi/kagzi/services/internal/cli.Version=$(VERSION)
+
+# Two packages at a time: the machines have two cores, and every package that talks to
+# PostgreSQL makes its own databases, so more would only queue on the server.
+TESTFLAGS ?= -race -count=1 -p 2 -timeout 9m
+
+.PHONY: all build dev demo test lint tidy bench clean
+
+all: build
+
+build:
+	@mkdir -p bin
+	cd services && $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o ../bin/ $(addprefix ./,$(BINS))
+
+dev:
+	$(GO) run ./services/kagzi dev
+
+demo:
+	./scripts/demo.sh
+
+# Runs every module even when one fails, so one run shows every failure.
+test:
+	@fail=""; \
+	for m in $(MODULES); do \
+		echo "=== go test $$m"; \
+		(cd $$m && $(GO) test $(TESTFLAGS) ./...) || fail="$$fail $$m"; \
+	done; \
+	if [ -n "$$fail" ]; then echo "FAILED modules:$$fail"; exit 1; fi
+
+lint:
+	@unformatted=$$(gofmt -l $(MODULES)); \
+	if [ -n "$$unformatted" ]; then echo "gofmt -l:"; echo "$$unformatted"; exit 1; fi
+	@fail=""; \
+	for m in $(MODULES); do \
+		echo "=== vet and staticcheck $$m"; \
+		(cd $$m && $(GO) vet ./... && $(GO) run $(STATICCHECK) ./...) || fail="$$fail $$m"; \
+	done; \
+	if [ -n "$$fail" ]; then echo "FAILED modules:$$fail"; exit 1; fi
+
+tidy:
+	@for m in $(MODULES); do echo "=== go mod tidy $$m"; (cd $$m && $(GO) mod tidy) || exit 1; done
+
+# A placeholder until the benchmark suite lands: the store's micro-benchmarks.
+bench:
+	cd libs && $(GO) test -run '^$$' -bench . ./store/...
+
+clean:
+	rm -rf bin
