@@ -46,6 +46,10 @@ func NewNATS(o bus.ConnOptions, log *zap.Logger) (*NATS, error) {
 // Start creates the streams. A failure is a warning: NATS may still be starting, and the
 // scheduler and timer ensure the streams again periodically.
 func (n *NATS) Start(ctx context.Context) error {
+	// While the broker is unreachable a JetStream request waits for its context, and the
+	// start context lasts minutes; a warning is worth a few seconds at most.
+	ctx, cancel := context.WithTimeout(ctx, ensureAtStartTimeout)
+	defer cancel()
 	if err := n.Bus.EnsureStreams(ctx); err != nil {
 		n.log.Warn("nats streams not ensured at start-up; will retry", zap.Error(err))
 		return nil
@@ -64,6 +68,8 @@ func (n *NATS) Stop() {
 		n.Conn.Close()
 	})
 }
+
+const ensureAtStartTimeout = 5 * time.Second
 
 var errNATSNotConnected = errors.New("not connected")
 
