@@ -35,8 +35,8 @@ import (
 //	NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY                  wherever NATS_URL is read
 //	KAGZI_NAMESPACE         --namespace               all services, dev, start, describe
 //	KAGZI_HTTP_ADDR         --http-addr               all services, dev ("off" disables)
-//	KAGZI_LOG_LEVEL         --log-level               everything
-//	KAGZI_LOG_FORMAT        --log-format              everything (json|console)
+//	KAGZI_LOG_LEVEL         --log-level               all services, dev
+//	KAGZI_LOG_FORMAT        --log-format              all services, dev (json|console)
 //	KAGZI_CONCURRENCY       --concurrency             executor, dev
 //	KAGZI_LEASE             --lease                   executor, dev
 //	KAGZI_SHUTDOWN_GRACE    --shutdown-grace          executor, dev
@@ -151,14 +151,13 @@ type MigrateConfig struct {
 	URL    string // MIGRATION_DATABASE_URL, else DATABASE_URL
 	Action string // "up" (default), "down-all" or "version"
 	Yes    bool   // down-all drops every table: it runs only when confirmed
-	Log    LogConfig
 }
 
 // ClientConfig configures the commands that talk to a running Kagzi over NATS.
 type ClientConfig struct {
 	NATS      bus.ConnOptions
 	Namespace string        // empty: the scheduler's default namespace
-	Timeout   time.Duration // bounds the whole command; 0: none
+	Timeout   time.Duration // bounds the whole command; 0: the command's default
 	Args      []string      // positional arguments, flags removed
 }
 
@@ -226,7 +225,6 @@ func loadMigrate(b *binder) (MigrateConfig, error) {
 	var dbURL, migrationURL string
 	b.str(&dbURL, "database-url", "DATABASE_URL", DefaultDatabaseURL, "PostgreSQL URL")
 	b.str(&migrationURL, "migration-database-url", "MIGRATION_DATABASE_URL", "", "PostgreSQL URL of a role allowed to run DDL (default: DATABASE_URL)")
-	b.log(&cfg.Log, "console")
 	b.fs.BoolVar(&cfg.Yes, "yes", false, "confirm down-all, which drops every Kagzi table and its data")
 	b.positional = func(args []string) error {
 		switch {
