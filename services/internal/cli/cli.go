@@ -119,6 +119,8 @@ func Kagzi(ctx context.Context, program string, args []string, env Env) int {
 		return Start(ctx, name, rest, env)
 	case "describe":
 		return Describe(ctx, name, rest, env)
+	case "bench":
+		return Bench(ctx, name, rest, env)
 	case "version", "--version", "-version":
 		fmt.Fprintf(env.Stdout, "kagzi %s (%s %s/%s)\n", Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return ExitOK
@@ -143,6 +145,7 @@ Usage:
   %[1]s migrate    [flags] [up|version|down-all --yes]
   %[1]s start      <workflow> [--input JSON] [--key K] [--wait] [flags]
   %[1]s describe   <run-id> [flags]
+  %[1]s bench      [--scenarios s1,..,s6] [--n N] [--sleepers N] [--idle D] [--out FILE] [--keep]
   %[1]s version
 
 Run "%[1]s <command> -h" for a command's flags. Every flag has an environment variable;

@@ -1,0 +1,750 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/kagzi/kagzi/services/internal/benchwf"
+)
+
+// Percentiles of a sample, in milliseconds.
+type Percentiles struct {
+	Count int     `json:"count"`
+	P50   float64 `json:"p50_ms"`
+	P95   float64 `json:"p95_ms"`
+	P99   float64 `json:"p99_ms"`
+	Min   float64 `json:"min_ms"`
+	Max   float64 `json:"max_ms"`
+}
+
+// percentiles uses the nearest-rank method: every figure is a value that was observed.
+func percentiles(ms []float64) Percentiles {
+	if len(ms) == 0 {
+		return Percentiles{}
+	}
+	s := slices.Clone(ms)
+	slices.Sort(s)
+	rank := func(p float64) float64 {
+		i := int(math.Ceil(p*float64(len(s)))) - 1
+		return s[max(0, min(i, len(s)-1))]
+	}
+	return Percentiles{Count: len(s), P50: rank(0.50), P95: rank(0.95), P99: rank(0.99), Min: s[0], Max: s[len(s)-1]}
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// queryFloats reads one float column.
+func queryFloats(ctx context.Context, s *system, sql string, args ...any) ([]float64, error) {
+	rows, err := s.pool.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[float64])
+}
+
+// xacts is the number of transactions PostgreSQL has counted for the scenario's
+// database. It is read from the maintenance database so the probe itself is not
+// counted. The statistics reach the view within about a second of each transaction.
+func (s *system) xacts(ctx context.Context) (int64, error) {
+	conn, err := adminConn(ctx, s.b.cfg.DatabaseURL)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close(ctx)
+	var n int64
+	err = conn.QueryRow(ctx, `SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1`, s.dbName).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("read pg_stat_database: %w", err)
+	}
+	return n, nil
+}
+
+// ---------------------------------------------------------------------------------------
+// The reference: what PostgreSQL itself can commit on this machine.
+
+// Reference is the commit rate of a one-row INSERT, each in its own transaction, from 1
+// and from 8 connections (what pgbench measures with such a script).
+type Reference struct {
+	OneClient    float64 `json:"commits_per_s_1_client"`
+	OneClientMS  float64 `json:"commit_ms_1_client"`
+	EightClients float64 `json:"commits_per_s_8_clients"`
+	Window       Seconds `json:"window_s"`
+}
+
+func (b *bencher) reference(ctx context.Context) (*Reference, error) {
+	name, dbURL, err := b.createDatabase(ctx, "ref")
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if !b.cfg.Keep {
+			if err := b.dropDatabase(name); err != nil {
+				b.progress("warning: %v", err)
+			}
+		}
+	}()
+	setup, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w", name, err)
+	}
+	_, err = setup.Exec(ctx, `CREATE TABLE kagzi_bench_scratch (id bigint NOT NULL, at timestamptz NOT NULL DEFAULT now())`)
+	setup.Close(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("create scratch table: %w", err)
+	}
+	one, err := commitRate(ctx, dbURL, 1, b.cfg.RefDuration)
+	if err != nil {
+		return nil, err
+	}
+	eight, err := commitRate(ctx, dbURL, 8, b.cfg.RefDuration)
+	if err != nil {
+		return nil, err
+	}
+	r := &Reference{OneClient: one, EightClients: eight, Window: secs(b.cfg.RefDuration)}
+	if one > 0 {
+		r.OneClientMS = 1000 / one
+	}
+	b.progress("reference: %.0f commits/s from 1 client (%.3f ms), %.0f from 8", r.OneClient, r.OneClientMS, r.EightClients)
+	return r, nil
+}
+
+// commitRate runs autocommit one-row INSERTs from clients connections for d.
+func commitRate(ctx context.Context, dbURL string, clients int, d time.Duration) (float64, error) {
+	conns := make([]*pgx.Conn, clients)
+	defer func() {
+		for _, c := range conns {
+			if c != nil {
+				c.Close(context.Background())
+			}
+		}
+	}()
+	for i := range conns {
+		c, err := pgx.Connect(ctx, dbURL)
+		if err != nil {
+			return 0, fmt.Errorf("reference: connect: %w", err)
+		}
+		conns[i] = c
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		total int64
+		first error
+	)
+	start := time.Now()
+	deadline := start.Add(d)
+	for i, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var n int64
+			var err error
+			for time.Now().Before(deadline) {
+				if _, err = c.Exec(ctx, `INSERT INTO kagzi_bench_scratch (id) VALUES ($1)`, int64(i)<<40|n); err != nil {
+					break
+				}
+				n++
+			}
+			mu.Lock()
+			total += n
+			if err != nil && first == nil {
+				first = err
+			}
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if first != nil {
+		return 0, fmt.Errorf("reference insert: %w", first)
+	}
+	return float64(total) / time.Since(start).Seconds(), nil
+}
+
+// ---------------------------------------------------------------------------------------
+// S1 throughput.
+
+// Throughput is S1.
+type Throughput struct {
+	Runs                int         `json:"runs"`
+	Wall                Seconds     `json:"wall_s"` // first created_at to last finished_at
+	WorkflowsPerS       float64     `json:"workflows_per_s"`
+	StepsPerS           float64     `json:"steps_per_s"`
+	Latency             Percentiles `json:"start_to_complete"` // finished_at - created_at
+	StartPhase          Seconds     `json:"start_phase_s"`     // the client's time to have every start accepted
+	ExecutorPeakRSS     int64       `json:"executor_peak_rss_bytes"`
+	ExecutorConcurrency string      `json:"executor_concurrency"`
+	XactsPerRun         float64     `json:"pg_transactions_per_run"`
+	RatioTo8Clients     float64     `json:"ratio_to_8_client_commit_rate,omitempty"`
+}
+
+func (b *bencher) executorConcurrencyEnv() []string {
+	if b.cfg.Concurrency > 0 {
+		return []string{"KAGZI_CONCURRENCY=" + strconv.Itoa(b.cfg.Concurrency)}
+	}
+	return nil
+}
+
+func (b *bencher) runS1(ctx context.Context) error {
+	n := b.cfg.N
+	b.progress("S1 throughput: %d runs of %s started at once by %d clients, one executor", n, benchwf.Noop3Name, b.cfg.StartConcurrency)
+	return b.withSystem(ctx, "s1", func(s *system) error {
+		_, _, exec, err := s.services(ctx, b.executorConcurrencyEnv()...)
+		if err != nil {
+			return err
+		}
+		x0, err := s.xacts(ctx)
+		if err != nil {
+			return err
+		}
+		began := time.Now()
+		if _, err := s.startMany(ctx, benchwf.Noop3Name, n, b.cfg.StartConcurrency, func(int) any { return struct{}{} }); err != nil {
+			return err
+		}
+		startPhase := time.Since(began)
+		if err := s.waitFinished(ctx, benchwf.Noop3Name, n, exec); err != nil {
+			return err
+		}
+		if err := s.failed(ctx, benchwf.Noop3Name); err != nil {
+			return err
+		}
+		mem, err := readMemory(exec.pid())
+		if err != nil {
+			return err
+		}
+		var first, last time.Time
+		err = s.pool.QueryRow(ctx, `SELECT min(created_at), max(finished_at) FROM workflow_runs WHERE workflow = $1`,
+			benchwf.Noop3Name).Scan(&first, &last)
+		if err != nil {
+			return fmt.Errorf("read S1 wall time: %w", err)
+		}
+		lat, err := queryFloats(ctx, s, `SELECT extract(epoch FROM finished_at - created_at)::float8 * 1000 FROM workflow_runs WHERE workflow = $1`,
+			benchwf.Noop3Name)
+		if err != nil {
+			return fmt.Errorf("read S1 latencies: %w", err)
+		}
+		// Statistics reach pg_stat_database within about a second of the last commit.
+		time.Sleep(1500 * time.Millisecond)
+		x1, err := s.xacts(ctx)
+		if err != nil {
+			return err
+		}
+		wall := last.Sub(first)
+		r := &Throughput{Runs: n, Wall: secs(wall), WorkflowsPerS: float64(n) / wall.Seconds(),
+			StepsPerS: 3 * float64(n) / wall.Seconds(), Latency: percentiles(lat), StartPhase: secs(startPhase),
+			ExecutorPeakRSS: mem.PeakBytes, ExecutorConcurrency: concurrencyLabel(b.cfg.Concurrency),
+			// The probes of waitFinished are counted too; they are a handful.
+			XactsPerRun: float64(x1-x0) / float64(n)}
+		if ref := b.rep.Reference; ref != nil && ref.EightClients > 0 {
+			r.RatioTo8Clients = r.WorkflowsPerS / ref.EightClients
+		}
+		b.rep.S1 = r
+		b.progress("S1: %.0f workflows/s, %.0f steps/s, p50 %.1f ms, executor peak RSS %s",
+			r.WorkflowsPerS, r.StepsPerS, r.Latency.P50, mib(r.ExecutorPeakRSS))
+		return nil
+	})
+}
+
+func concurrencyLabel(c int) string {
+	if c > 0 {
+		return strconv.Itoa(c)
+	}
+	return "default"
+}
+
+// ---------------------------------------------------------------------------------------
+// S2 latency.
+
+// Latency is S2: one run at a time, started through the scheduler and waited for by the
+// client, as an application would.
+type Latency struct {
+	Runs          int         `json:"runs"`
+	Warmup        int         `json:"warmup_runs"` // run first and not counted
+	Client        Percentiles `json:"client_start_to_result"`
+	Server        Percentiles `json:"server_created_to_finished"`
+	P50InCommits  float64     `json:"p50_in_1_client_commits,omitempty"`
+	RunsPerSecond float64     `json:"runs_per_s"`
+}
+
+func (b *bencher) runS2(ctx context.Context) error {
+	n := b.cfg.LatencyRuns
+	warmup := min(10, n)
+	b.progress("S2 latency: %d runs of %s one at a time (after %d warm-up runs)", n, benchwf.Noop3Name, warmup)
+	return b.withSystem(ctx, "s2", func(s *system) error {
+		_, _, exec, err := s.services(ctx)
+		if err != nil {
+			return err
+		}
+		var ids []string
+		lat := make([]float64, 0, n)
+		began := time.Now()
+		for i := range warmup + n {
+			if exec.exited() {
+				return fmt.Errorf("executor exited\n%s", exec.logTail(20))
+			}
+			if i == warmup {
+				began = time.Now()
+			}
+			t0 := time.Now()
+			run, err := benchwf.Noop3.Start(ctx, s.client, struct{}{})
+			if err != nil {
+				return fmt.Errorf("start run %d: %w", i, err)
+			}
+			if _, err := run.Result(ctx); err != nil {
+				return fmt.Errorf("result of run %d: %w", i, err)
+			}
+			if i >= warmup {
+				lat = append(lat, ms(time.Since(t0)))
+				ids = append(ids, run.ID)
+			}
+		}
+		elapsed := time.Since(began)
+		server, err := queryFloats(ctx, s, `SELECT extract(epoch FROM finished_at - created_at)::float8 * 1000 FROM workflow_runs WHERE id = ANY ($1::uuid[])`, ids)
+		if err != nil {
+			return fmt.Errorf("read S2 server-side latencies: %w", err)
+		}
+		r := &Latency{Runs: n, Warmup: warmup, Client: percentiles(lat), Server: percentiles(server),
+			RunsPerSecond: float64(n) / elapsed.Seconds()}
+		if ref := b.rep.Reference; ref != nil && ref.OneClientMS > 0 {
+			r.P50InCommits = r.Client.P50 / ref.OneClientMS
+		}
+		b.rep.S2 = r
+		b.progress("S2: p50 %.2f ms, p95 %.2f ms, p99 %.2f ms", r.Client.P50, r.Client.P95, r.Client.P99)
+		return nil
+	})
+}
+
+// ---------------------------------------------------------------------------------------
+// S3 durable sleep.
+
+// SleepLateness is S3: how long after its wake time a sleeping run's next step starts.
+// The step is a no-op, so its record time is its start to within a statement.
+type SleepLateness struct {
+	Runs     int         `json:"runs"`
+	Sleep    Seconds     `json:"sleep_s"`
+	Lateness Percentiles `json:"lateness"`   // step_runs.created_at of the step after the sleep - the sleep's wake_at
+	Early    int         `json:"woke_early"` // must be 0: a run that went on before its wake time
+}
+
+func (b *bencher) runS3(ctx context.Context) error {
+	n := b.cfg.SleepRuns
+	b.progress("S3 durable sleep: %d runs of %s sleeping %s, then one step", n, benchwf.SleepName, b.cfg.SleepFor)
+	return b.withSystem(ctx, "s3", func(s *system) error {
+		_, tmr, exec, err := s.services(ctx, b.executorConcurrencyEnv()...)
+		if err != nil {
+			return err
+		}
+		in := benchwf.SleepInput{MS: int(b.cfg.SleepFor / time.Millisecond)}
+		if _, err := s.startMany(ctx, benchwf.SleepName, n, b.cfg.StartConcurrency, func(int) any { return in }); err != nil {
+			return err
+		}
+		if err := s.waitFinished(ctx, benchwf.SleepName, n, exec, tmr); err != nil {
+			return err
+		}
+		if err := s.failed(ctx, benchwf.SleepName); err != nil {
+			return err
+		}
+		late, err := s.lateness(ctx)
+		if err != nil {
+			return err
+		}
+		r := &SleepLateness{Runs: n, Sleep: secs(b.cfg.SleepFor), Lateness: percentiles(late)}
+		for _, l := range late {
+			if l < 0 {
+				r.Early++
+			}
+		}
+		b.rep.S3 = r
+		b.progress("S3: lateness p50 %.1f ms, p99 %.1f ms, max %.1f ms", r.Lateness.P50, r.Lateness.P99, r.Lateness.Max)
+		return nil
+	})
+}
+
+// lateness is, for every bench-sleep run, the record time of the step after the sleep
+// minus the sleep's wake time, in ms.
+func (s *system) lateness(ctx context.Context) ([]float64, error) {
+	late, err := queryFloats(ctx, s, `
+SELECT extract(epoch FROM a.created_at - z.wake_at)::float8 * 1000
+FROM step_runs z JOIN step_runs a ON a.run_id = z.run_id AND a.step_key = 'after'
+WHERE z.step_key = 'nap'`)
+	if err != nil {
+		return nil, fmt.Errorf("read wake-up lateness: %w", err)
+	}
+	return late, nil
+}
+
+// ---------------------------------------------------------------------------------------
+// S4 crash recovery.
+
+// CrashRecovery is S4.
+type CrashRecovery struct {
+	Runs           int     `json:"runs"`
+	Step2          Seconds `json:"step2_s"`
+	Lease          Seconds `json:"lease_s"`
+	Recovery       Seconds `json:"kill_to_all_completed_s"`
+	Target         Seconds `json:"target_s"`                // lease + step 2 + 1 s
+	CompletedRerun int     `json:"completed_steps_rerun"`   // must be 0
+	Interrupted    int     `json:"interrupted_steps_rerun"` // runs whose step 2 ran twice
+	LaterRerun     int     `json:"later_steps_rerun"`       // step 3 bodies run more than once: must be 0
+	AllInStep2     bool    `json:"all_inside_step2_at_kill"`
+	InsideAtKill   int     `json:"inside_step2_at_kill"`
+}
+
+func (b *bencher) runS4(ctx context.Context) error {
+	n := b.cfg.CrashRuns
+	lease := b.cfg.CrashLease
+	b.progress("S4 crash recovery: %d runs of %s (step 2 takes %s), lease %s, kill -9 of the executor inside step 2",
+		n, benchwf.CrashName, b.cfg.CrashStep, lease)
+	return b.withSystem(ctx, "s4", func(s *system) error {
+		env := []string{
+			"KAGZI_LEASE=" + lease.String(),
+			// Every run must be inside step 2 at once.
+			"KAGZI_CONCURRENCY=" + strconv.Itoa(n+64),
+			"KAGZI_SHUTDOWN_GRACE=1s",
+		}
+		return b.crash(ctx, s, env)
+	})
+}
+
+func (b *bencher) crash(ctx context.Context, s *system, env []string) error {
+	n, lease := b.cfg.CrashRuns, b.cfg.CrashLease
+	if _, err := s.start(ctx, "scheduler", "scheduler"); err != nil {
+		return err
+	}
+	tmr, err := s.startTimer(ctx)
+	if err != nil {
+		return err
+	}
+	execA, err := s.start(ctx, "executor", "executor-a", env...)
+	if err != nil {
+		return err
+	}
+	in := benchwf.CrashInput{MS: int(b.cfg.CrashStep / time.Millisecond), Record: true}
+	if _, err := s.startMany(ctx, benchwf.CrashName, n, b.cfg.StartConcurrency, func(int) any { return in }); err != nil {
+		return err
+	}
+	// Every run inside step 2, or, if the engine was too slow to get them all there at
+	// once, the moment the first one leaves it: the kill happens then and the report
+	// says not all were inside.
+	var inside, ahead int
+	inStep2 := func(ctx context.Context) (bool, error) {
+		err := s.pool.QueryRow(ctx, `SELECT count(DISTINCT run_id) FILTER (WHERE step_key = 's2'),
+       count(*) FILTER (WHERE step_key = 's3') FROM kagzi_bench_effects`).Scan(&inside, &ahead)
+		return err == nil && (inside >= n || ahead > 0), err
+	}
+	wctx, cancel := context.WithTimeout(ctx, b.cfg.CrashStep+time.Minute)
+	err = poll(wctx, execA, 20*time.Millisecond, inStep2)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("waiting for the runs to be inside step 2 (%d of %d are): %w", inside, n, err)
+	}
+	execB, err := s.start(ctx, "executor", "executor-b", env...)
+	if err != nil {
+		return err
+	}
+	if err := s.pool.QueryRow(ctx, `SELECT count(DISTINCT run_id) FILTER (WHERE step_key = 's2'),
+       count(*) FILTER (WHERE step_key = 's3') FROM kagzi_bench_effects`).Scan(&inside, &ahead); err != nil {
+		return fmt.Errorf("count runs inside step 2: %w", err)
+	}
+	killAt, err := dbNow(ctx, s.pool)
+	if err != nil {
+		return err
+	}
+	execA.kill()
+	b.progress("S4: killed executor A (pid %d) with %d of %d runs inside step 2 (%d past it); executor B (pid %d) running",
+		execA.pid(), inside, n, ahead, execB.pid())
+	if err := s.waitFinished(ctx, benchwf.CrashName, n, execB, tmr); err != nil {
+		return err
+	}
+	if err := s.failed(ctx, benchwf.CrashName); err != nil {
+		return err
+	}
+	var last time.Time
+	if err := s.pool.QueryRow(ctx, `SELECT max(finished_at) FROM workflow_runs WHERE workflow = $1`, benchwf.CrashName).Scan(&last); err != nil {
+		return fmt.Errorf("read S4 completion time: %w", err)
+	}
+	r := &CrashRecovery{Runs: n, Step2: secs(b.cfg.CrashStep), Lease: secs(lease), Recovery: secs(last.Sub(killAt)),
+		Target: secs(lease + b.cfg.CrashStep + time.Second), AllInStep2: inside == n && ahead == 0, InsideAtKill: inside}
+	rows, err := s.pool.Query(ctx, `
+SELECT step_key, count(*) FILTER (WHERE n > 1), coalesce(sum(n - 1), 0)
+FROM (SELECT run_id, step_key, count(*) AS n FROM kagzi_bench_effects GROUP BY run_id, step_key) e
+GROUP BY step_key`)
+	if err != nil {
+		return fmt.Errorf("count step re-runs: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var key string
+		var runs, extra int
+		if err := rows.Scan(&key, &runs, &extra); err != nil {
+			return fmt.Errorf("count step re-runs: %w", err)
+		}
+		switch key {
+		case "s1":
+			r.CompletedRerun = extra
+		case "s2":
+			r.Interrupted = runs
+		case "s3":
+			r.LaterRerun = extra
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("count step re-runs: %w", err)
+	}
+	b.rep.S4 = r
+	b.progress("S4: all %d completed %.2f s after the kill; completed steps re-run %d, interrupted steps re-run %d",
+		n, float64(r.Recovery), r.CompletedRerun, r.Interrupted)
+	return nil
+}
+
+// ---------------------------------------------------------------------------------------
+// S5 sleeping scale.
+
+// ProcMemory is the resident memory of the executor and the timer at one moment.
+type ProcMemory struct {
+	Sleepers int   `json:"sleepers"`
+	Executor int64 `json:"executor_rss_bytes"`
+	Timer    int64 `json:"timer_rss_bytes"`
+}
+
+// SleepingScale is S5.
+type SleepingScale struct {
+	Sleepers        int         `json:"sleepers"`
+	AllAsleepAtOnce bool        `json:"all_asleep_at_once"`
+	PeakAsleep      int         `json:"peak_asleep"`
+	StartPhase      Seconds     `json:"start_phase_s"` // first start to the last run parked
+	First           ProcMemory  `json:"at_first"`      // after the first batch (1,000) is asleep
+	All             ProcMemory  `json:"at_all"`        // after every run is asleep
+	ExecutorPeakRSS int64       `json:"executor_peak_rss_bytes"`
+	TimerPeakRSS    int64       `json:"timer_peak_rss_bytes"`
+	PGBytes         int64       `json:"pg_bytes"` // workflow_runs + step_runs with indexes and TOAST, all asleep
+	PGBytesPerRun   float64     `json:"pg_bytes_per_run"`
+	WakeToFinish    Seconds     `json:"wake_to_all_finished_s"`
+	FinishPerS      float64     `json:"finished_per_s"`
+	Lateness        Percentiles `json:"lateness"`
+	RatioTo8Clients float64     `json:"finish_rate_ratio_to_8_client_commit_rate,omitempty"`
+}
+
+func (b *bencher) runS5(ctx context.Context) error {
+	n := b.cfg.Sleepers
+	firstBatch := min(1000, n)
+	b.progress("S5 sleeping scale: %d runs of %s asleep at once", n, benchwf.SleepName)
+	return b.withSystem(ctx, "s5", func(s *system) error {
+		_, tmr, exec, err := s.services(ctx, b.executorConcurrencyEnv()...)
+		if err != nil {
+			return err
+		}
+		// Every run sleeps until one shared wake time, which must fall after the last run
+		// has parked. The start rate is estimated from S1 (half of it: a sleeper costs a
+		// start, a claim and a park, and later a second claim); without S1, conservatively.
+		rate := 500.0
+		if b.rep.S1 != nil && b.rep.S1.WorkflowsPerS > 0 {
+			rate = b.rep.S1.WorkflowsPerS / 2
+		}
+		dbStart, err := dbNow(ctx, s.pool)
+		if err != nil {
+			return err
+		}
+		estimate := time.Duration(float64(n) / rate * float64(time.Second))
+		wake := dbStart.Add(2*time.Second + estimate + estimate/10)
+		in := benchwf.SleepInput{Until: &wake}
+		b.progress("S5: shared wake time in %.0f s", wake.Sub(dbStart).Seconds())
+
+		r := &SleepingScale{Sleepers: n}
+		asleep := func(ctx context.Context) (int, error) {
+			var k int
+			err := s.pool.QueryRow(ctx, `SELECT count(*) FROM workflow_runs WHERE status = 'SLEEPING'`).Scan(&k)
+			return k, err
+		}
+		waitAsleep := func(want int) error {
+			return poll(ctx, exec, 250*time.Millisecond, func(ctx context.Context) (bool, error) {
+				k, err := asleep(ctx)
+				r.PeakAsleep = max(r.PeakAsleep, k)
+				if k >= want {
+					return true, err
+				}
+				now, err2 := dbNow(ctx, s.pool)
+				if err2 == nil && now.After(wake) {
+					return true, nil // the first sleepers are waking; measure what there is
+				}
+				return false, err
+			})
+		}
+		snapshot := func(sleepers int) (ProcMemory, error) {
+			me, err := readMemory(exec.pid())
+			if err != nil {
+				return ProcMemory{}, err
+			}
+			mt, err := readMemory(tmr.pid())
+			if err != nil {
+				return ProcMemory{}, err
+			}
+			return ProcMemory{Sleepers: sleepers, Executor: me.RSSBytes, Timer: mt.RSSBytes}, nil
+		}
+
+		began := time.Now()
+		if _, err := s.startMany(ctx, benchwf.SleepName, firstBatch, b.cfg.StartConcurrency, func(int) any { return in }); err != nil {
+			return err
+		}
+		if err := waitAsleep(firstBatch); err != nil {
+			return err
+		}
+		if r.First, err = snapshot(r.PeakAsleep); err != nil {
+			return err
+		}
+		if rest := n - firstBatch; rest > 0 {
+			if _, err := s.startMany(ctx, benchwf.SleepName, rest, b.cfg.StartConcurrency, func(int) any { return in }); err != nil {
+				return err
+			}
+			if err := waitAsleep(n); err != nil {
+				return err
+			}
+		}
+		r.StartPhase = secs(time.Since(began))
+		r.AllAsleepAtOnce = r.PeakAsleep >= n
+		if r.All, err = snapshot(r.PeakAsleep); err != nil {
+			return err
+		}
+		err = s.pool.QueryRow(ctx, `SELECT pg_total_relation_size('workflow_runs') + pg_total_relation_size('step_runs')`).Scan(&r.PGBytes)
+		if err != nil {
+			return fmt.Errorf("read table sizes: %w", err)
+		}
+		r.PGBytesPerRun = float64(r.PGBytes) / float64(n)
+		b.progress("S5: %d asleep after %.1f s; %.0f PostgreSQL bytes per run; waiting for the wake time",
+			r.PeakAsleep, float64(r.StartPhase), r.PGBytesPerRun)
+
+		if err := s.waitFinished(ctx, benchwf.SleepName, n, exec, tmr); err != nil {
+			return err
+		}
+		if err := s.failed(ctx, benchwf.SleepName); err != nil {
+			return err
+		}
+		me, err := readMemory(exec.pid())
+		if err != nil {
+			return err
+		}
+		mt, err := readMemory(tmr.pid())
+		if err != nil {
+			return err
+		}
+		r.ExecutorPeakRSS, r.TimerPeakRSS = me.PeakBytes, mt.PeakBytes
+		var last time.Time
+		if err := s.pool.QueryRow(ctx, `SELECT max(finished_at) FROM workflow_runs WHERE workflow = $1`, benchwf.SleepName).Scan(&last); err != nil {
+			return fmt.Errorf("read S5 completion time: %w", err)
+		}
+		r.WakeToFinish = secs(last.Sub(wake))
+		r.FinishPerS = float64(n) / last.Sub(wake).Seconds()
+		late, err := s.lateness(ctx)
+		if err != nil {
+			return err
+		}
+		r.Lateness = percentiles(late)
+		if ref := b.rep.Reference; ref != nil && ref.EightClients > 0 {
+			r.RatioTo8Clients = r.FinishPerS / ref.EightClients
+		}
+		b.rep.S5 = r
+		b.progress("S5: woke and finished %d runs in %.1f s; executor RSS %s at %d sleepers, %s at %d",
+			n, float64(r.WakeToFinish), mib(r.First.Executor), r.First.Sleepers, mib(r.All.Executor), r.All.Sleepers)
+		return nil
+	})
+}
+
+// ---------------------------------------------------------------------------------------
+// S6 idle cost.
+
+// IdleCost is S6: what a system with nothing to do costs.
+type IdleCost struct {
+	Window        Seconds            `json:"window_s"`
+	Transactions  int64              `json:"pg_transactions"`
+	PerMinute     float64            `json:"pg_transactions_per_min"`
+	ProbeQueries  int64              `json:"bench_probe_transactions"` // subtracted; the probes read another database
+	CPU           Seconds            `json:"cpu_s"`
+	CPUPerMinute  Seconds            `json:"cpu_s_per_min"`
+	CPUPerService map[string]Seconds `json:"cpu_s_by_service"`
+}
+
+func (b *bencher) runS6(ctx context.Context) error {
+	window := b.cfg.Idle
+	b.progress("S6 idle cost: scheduler, timer and executor doing nothing for %s", window)
+	return b.withSystem(ctx, "s6", func(s *system) error {
+		sched, tmr, exec, err := s.services(ctx)
+		if err != nil {
+			return err
+		}
+		procs := map[string]*proc{"scheduler": sched, "timer": tmr, "executor": exec}
+		// Start-up statements are reported to the statistics within about a second of
+		// going idle; the window opens after them.
+		if err := sleepCtx(ctx, min(3*time.Second, window)); err != nil {
+			return err
+		}
+		cpu := func() (map[string]time.Duration, error) {
+			out := map[string]time.Duration{}
+			for name, p := range procs {
+				d, err := readCPU(p.pid())
+				if err != nil {
+					return nil, err
+				}
+				out[name] = d
+			}
+			return out, nil
+		}
+		x0, err := s.xacts(ctx)
+		if err != nil {
+			return err
+		}
+		c0, err := cpu()
+		if err != nil {
+			return err
+		}
+		began := time.Now()
+		if err := sleepCtx(ctx, window); err != nil {
+			return err
+		}
+		x1, err := s.xacts(ctx)
+		if err != nil {
+			return err
+		}
+		c1, err := cpu()
+		if err != nil {
+			return err
+		}
+		elapsed := time.Since(began)
+		for name, p := range procs {
+			if p.exited() {
+				return fmt.Errorf("%s exited while idle\n%s", name, p.logTail(20))
+			}
+		}
+		r := &IdleCost{Window: secs(elapsed), Transactions: x1 - x0, CPUPerService: map[string]Seconds{}}
+		r.PerMinute = float64(r.Transactions) / elapsed.Minutes()
+		var total time.Duration
+		for name := range procs {
+			d := c1[name] - c0[name]
+			total += d
+			r.CPUPerService[name] = secs(d)
+		}
+		r.CPU = secs(total)
+		r.CPUPerMinute = Seconds(total.Seconds() / elapsed.Minutes())
+		b.rep.S6 = r
+		b.progress("S6: %.1f transactions/min, %.2f CPU s/min", r.PerMinute, float64(r.CPUPerMinute))
+		return nil
+	})
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }

@@ -1,0 +1,125 @@
+package bench
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+)
+
+// row is one line of the table.
+type row struct {
+	name, result, target, verdict, ratio string
+}
+
+// verdict says whether every check of a target held.
+func verdict(checks ...bool) string {
+	for _, ok := range checks {
+		if !ok {
+			return "MISSED"
+		}
+	}
+	return "met"
+}
+
+func writeTable(w io.Writer, rep *Report) {
+	var rows []row
+	if r := rep.Reference; r != nil {
+		rows = append(rows, row{name: "reference", result: fmt.Sprintf("1-row INSERT commits: 1 client %.0f/s (%.3f ms each), 8 clients %.0f/s",
+			r.OneClient, r.OneClientMS, r.EightClients), target: "-", verdict: "-", ratio: "1"})
+	}
+	if r := rep.S1; r != nil {
+		rows = append(rows, row{name: "S1 throughput",
+			result: fmt.Sprintf("%d runs in %.2f s: %.0f wf/s, %.0f steps/s; start→complete p50 %.0f p95 %.0f p99 %.0f ms; executor peak RSS %s; %.1f PG xacts/run",
+				r.Runs, float64(r.Wall), r.WorkflowsPerS, r.StepsPerS, r.Latency.P50, r.Latency.P95, r.Latency.P99, mib(r.ExecutorPeakRSS), r.XactsPerRun),
+			target:  "≥ 2,900 wf/s (≥ 0.15 × 8-client rate); RSS ≤ 100 MB",
+			verdict: verdict(r.WorkflowsPerS >= 2900 || r.RatioTo8Clients >= 0.15, r.ExecutorPeakRSS <= 100_000_000),
+			ratio:   ratio(r.RatioTo8Clients, "× 8-client commit rate")})
+	}
+	if r := rep.S2; r != nil {
+		rows = append(rows, row{name: "S2 latency",
+			result: fmt.Sprintf("%d sequential runs: start→result p50 %.2f p95 %.2f p99 %.2f ms (server side p50 %.2f ms)",
+				r.Runs, r.Client.P50, r.Client.P95, r.Client.P99, r.Server.P50),
+			target:  "p50 ≤ 2.5 ms, p99 ≤ 5 ms",
+			verdict: verdict(r.Client.P50 <= 2.5, r.Client.P99 <= 5),
+			ratio:   ratio(r.P50InCommits, "× one 1-client commit (p50)")})
+	}
+	if r := rep.S3; r != nil {
+		early := ""
+		if r.Early > 0 {
+			early = fmt.Sprintf("; %d WOKE EARLY", r.Early)
+		}
+		rows = append(rows, row{name: "S3 durable sleep",
+			result: fmt.Sprintf("%d runs sleeping %s: lateness p50 %.1f p99 %.1f max %.1f ms%s",
+				r.Runs, r.Sleep, r.Lateness.P50, r.Lateness.P99, r.Lateness.Max, early),
+			target:  "p50 ≤ 5, p99 ≤ 20, max ≤ 100 ms",
+			verdict: verdict(r.Lateness.P50 <= 5, r.Lateness.P99 <= 20, r.Lateness.Max <= 100, r.Early == 0),
+			ratio:   "-"})
+	}
+	if r := rep.S4; r != nil {
+		note := ""
+		if !r.AllInStep2 {
+			note = fmt.Sprintf("; only %d of %d runs were inside step 2 at the kill", r.InsideAtKill, r.Runs)
+		}
+		rows = append(rows, row{name: "S4 crash recovery",
+			result: fmt.Sprintf("%d runs, lease %s, step 2 %s: all completed %.2f s after kill -9; completed steps re-run %d, interrupted steps re-run %d/%d, later steps re-run %d%s",
+				r.Runs, r.Lease, r.Step2, float64(r.Recovery), r.CompletedRerun, r.Interrupted, r.Runs, r.LaterRerun, note),
+			target:  fmt.Sprintf("≤ %s (lease + step 2 + 1 s), 0 completed re-run", r.Target),
+			verdict: verdict(r.Recovery <= r.Target, r.CompletedRerun == 0, r.LaterRerun == 0, r.AllInStep2),
+			ratio:   "-"})
+	}
+	if r := rep.S5; r != nil {
+		asleep := "all asleep at once"
+		if !r.AllAsleepAtOnce {
+			asleep = fmt.Sprintf("at most %d asleep at once", r.PeakAsleep)
+		}
+		rows = append(rows, row{name: "S5 sleeping scale",
+			result: fmt.Sprintf("%d sleepers (%s, parked in %.0f s): executor RSS %s at %d → %s at %d, timer %s → %s; %.0f PG bytes/run; woke and finished all in %.1f s (%.0f/s)",
+				r.Sleepers, asleep, float64(r.StartPhase), mib(r.First.Executor), r.First.Sleepers, mib(r.All.Executor), r.All.Sleepers,
+				mib(r.First.Timer), mib(r.All.Timer), r.PGBytesPerRun, float64(r.WakeToFinish), r.FinishPerS),
+			target: "RSS independent of sleepers; ≤ 2 KB PG/run",
+			// "Independent" allows the noise of a Go heap: within 25% or 8 MiB.
+			verdict: verdict(flat(r.First.Executor, r.All.Executor), flat(r.First.Timer, r.All.Timer), r.PGBytesPerRun <= 2048, r.AllAsleepAtOnce),
+			ratio:   ratio(r.RatioTo8Clients, "× 8-client commit rate (finishing)")})
+	}
+	if r := rep.S6; r != nil {
+		var per []string
+		for _, name := range []string{"scheduler", "timer", "executor"} {
+			per = append(per, fmt.Sprintf("%s %.2f", name, float64(r.CPUPerService[name])))
+		}
+		rows = append(rows, row{name: "S6 idle cost",
+			result: fmt.Sprintf("%.0f s idle: %d PG transactions (%.1f/min); CPU %.2f s (%.3f s/min: %s)",
+				float64(r.Window), r.Transactions, r.PerMinute, float64(r.CPU), float64(r.CPUPerMinute), strings.Join(per, ", ")),
+			target:  "≤ 10 queries/min",
+			verdict: verdict(r.PerMinute <= 10),
+			ratio:   "-"})
+	}
+	for _, name := range append([]string{"reference"}, AllScenarios...) {
+		if msg, ok := rep.Errors[name]; ok {
+			first, _, _ := strings.Cut(msg, "\n")
+			rows = append(rows, row{name: strings.ToUpper(name[:1]) + name[1:], result: "FAILED: " + first, target: "-", verdict: "FAILED", ratio: "-"})
+		}
+	}
+
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SCENARIO\tRESULT\tTARGET (issue 4)\tVERDICT\tVS REFERENCE")
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.name, r.result, r.target, r.verdict, r.ratio)
+	}
+	_ = tw.Flush()
+	fmt.Fprintf(w, "\n%d CPUs, %s, %s; NATS: %s; whole bench %.0f s; load average %s before, %s after\n",
+		rep.Machine.CPUs, rep.Machine.OS, rep.Machine.Postgres, rep.Machine.NATS, float64(rep.Duration),
+		rep.Machine.LoadBefore, rep.Machine.LoadAfter)
+}
+
+func ratio(v float64, unit string) string {
+	if v == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.3g %s", v, unit)
+}
+
+// flat says two resident sizes are the same but for heap noise.
+func flat(before, after int64) bool {
+	return after <= before+before/4 || after-before <= 8<<20
+}
