@@ -54,9 +54,16 @@ lint:
 tidy:
 	@for m in $(MODULES); do echo "=== go mod tidy $$m"; (cd $$m && $(GO) mod tidy) || exit 1; done
 
-# A placeholder until the benchmark suite lands: the store's micro-benchmarks.
+# `kagzi bench`: every scenario of issue 4 against fresh databases on DATABASE_URL's
+# server (the table on stdout, bench.json beside it; BENCHFLAGS="--scenarios s1,s2" and
+# the like pass through), then the store's hot-path micro-benchmarks, whose output two
+# runs can be compared by.
+BENCHFLAGS ?=
 bench:
-	cd libs && $(GO) test -run '^$$' -bench . ./store/...
+	@mkdir -p bin
+	cd services && $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o ../bin/kagzi ./kagzi
+	bin/kagzi bench --out bench.json $(BENCHFLAGS)
+	cd libs && $(GO) test -run '^$$' -bench . -benchtime 200x ./store/
 
 clean:
 	rm -rf bin
