@@ -5,7 +5,7 @@ SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(PATH)
 
 GO      ?= go
-MODULES := libs services examples migrations
+MODULES := libs libs/workflowcheck services examples migrations
 BINS    := kagzi scheduler timer executor
 
 # staticcheck 2026.2.2: the 2025.1 releases predate Go 1.26 and are not on the module proxy.

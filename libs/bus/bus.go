@@ -184,7 +184,17 @@ func (b *Bus) EnsureStreams(ctx context.Context) error {
 func sameStreamConfig(have, want jetstream.StreamConfig) bool {
 	return slices.Equal(have.Subjects, want.Subjects) && have.Retention == want.Retention &&
 		have.Storage == want.Storage && have.Replicas == want.Replicas && have.Duplicates == want.Duplicates &&
-		have.MaxAge == want.MaxAge && have.MaxMsgSize == want.MaxMsgSize && have.Discard == want.Discard
+		have.MaxAge == want.MaxAge && unlimited(have.MaxMsgSize) == unlimited(want.MaxMsgSize) && have.Discard == want.Discard
+}
+
+// unlimited spells "no limit" the way the server reports it: a stream created with
+// MaxMsgSize 0 comes back as -1, and taking that for a difference would make every
+// ensure rewrite the stream (and fail outright for an identity not allowed to update).
+func unlimited(n int32) int32 {
+	if n == 0 {
+		return -1
+	}
+	return n
 }
 
 // EnsureTaskConsumer creates or updates the durable consumer that every executor serving

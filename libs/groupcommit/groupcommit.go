@@ -15,6 +15,7 @@ type Batcher[Req, Res any] struct {
 	maxBatch int
 	in       chan batchItem[Req, Res]
 	stop     chan struct{}
+	stopOnce sync.Once
 	wg       sync.WaitGroup
 }
 
@@ -82,8 +83,8 @@ func (b *Batcher[Req, Res]) loop() {
 	}
 }
 
-// Close stops the flushers; callers still waiting get ok == false.
+// Close stops the flushers; callers still waiting get ok == false. Idempotent.
 func (b *Batcher[Req, Res]) Close() {
-	close(b.stop)
+	b.stopOnce.Do(func() { close(b.stop) })
 	b.wg.Wait()
 }

@@ -35,7 +35,7 @@ func Replay(def Registration, history *RunInfo, codec Codec) (err error) {
 	defer cancel()
 	rc := &runContext{Context: ctx, w: w, run: run, def: def, cancel: cancel, replayOnly: true,
 		log: slog.New(slog.DiscardHandler), seen: map[string]int{}}
-	_, werr, u := w.invoke(rc)
+	_, u, werr := w.invoke(rc)
 	switch {
 	case u != nil && u.reason == unwindHistoryEnd:
 		return nil

@@ -210,16 +210,20 @@ func (w *Worker) Start(ctx context.Context) error {
 			return fmt.Errorf("start worker: %w", err)
 		}
 	}
-	if err := w.bus.EnsureStreams(ctx); err != nil {
-		return fmt.Errorf("start worker: %w", err)
-	}
+	// NATS may still be starting (or restarting): a worker that cannot create its
+	// consumers now starts anyway and keeps trying in its fetch loops.
 	consumers := make(map[string]jetstream.Consumer, len(w.defs))
-	for name := range w.defs {
-		cons, err := w.bus.EnsureTaskConsumer(ctx, w.cfg.Namespace, name, w.cfg.Consumer)
-		if err != nil {
-			return fmt.Errorf("start worker: %w", err)
+	if err := w.bus.EnsureStreams(ctx); err != nil {
+		w.log.Warn("jetstream not ready; the worker will keep trying", "error", err)
+	} else {
+		for name := range w.defs {
+			cons, err := w.bus.EnsureTaskConsumer(ctx, w.cfg.Namespace, name, w.cfg.Consumer)
+			if err != nil {
+				w.log.Warn("task consumer not ready; the worker will keep trying", "workflow", name, "error", err)
+				continue
+			}
+			consumers[name] = cons
 		}
-		consumers[name] = cons
 	}
 	if err := w.store.WorkerHeartbeat(ctx, w.announcement()); err != nil {
 		return fmt.Errorf("start worker: %w", err)
@@ -235,9 +239,9 @@ func (w *Worker) Start(ctx context.Context) error {
 	fetchCtx, cancelFetch := context.WithCancel(context.Background())
 	hbCtx, cancelHeartbeat := context.WithCancel(context.Background())
 	w.cancelFetch, w.cancelHeartbeat = cancelFetch, cancelHeartbeat
-	for name, cons := range consumers {
+	for name, def := range w.defs {
 		w.loops.Add(1)
-		go w.consume(fetchCtx, w.defs[name], cons)
+		go w.consume(fetchCtx, def, consumers[name])
 	}
 	w.heartbeats.Add(1)
 	go w.heartbeat(hbCtx)
@@ -330,6 +334,18 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 	defer w.loops.Done()
 	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
 	for ctx.Err() == nil {
+		if cons == nil {
+			c, err := w.recreate(ctx, def.Name())
+			if err != nil {
+				if ctx.Err() == nil {
+					w.log.Warn("create task consumer", "workflow", def.Name(), "error", err)
+				}
+				backoff.wait(ctx)
+				continue
+			}
+			cons = c
+			backoff.reset()
+		}
 		n := w.acquireSlots(ctx)
 		if n == 0 {
 			return
@@ -347,10 +363,7 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 			}
 			w.log.Warn("fetch tasks", "workflow", def.Name(), "error", err)
 			if errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrStreamNotFound) {
-				// The broker lost its state: recreate what we rely on, then go on.
-				if _, err := w.recreate(ctx, def.Name()); err == nil {
-					continue
-				}
+				cons = nil // the broker lost its state: recreate what we rely on
 			}
 			backoff.wait(ctx)
 			continue
@@ -370,9 +383,7 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 		if err := batch.Error(); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && !errors.Is(err, nats.ErrTimeout) {
 			w.log.Warn("fetch tasks", "workflow", def.Name(), "error", err)
 			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
-				if c, err := w.recreate(ctx, def.Name()); err == nil {
-					cons = c
-				}
+				cons = nil
 			}
 			backoff.wait(ctx)
 			continue
@@ -479,7 +490,7 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 		w.metrics.inFlight.Add(-1)
 	}()
 
-	out, err, u := w.invoke(rc)
+	out, u, err := w.invoke(rc)
 	switch {
 	case u != nil && u.reason == unwindSuspended:
 	case u != nil && u.reason == unwindLeaseLost:
@@ -494,7 +505,7 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 }
 
 // invoke runs the workflow function, recovering the SDK's unwinding and user panics.
-func (w *Worker) invoke(rc *runContext) (out []byte, err error, u *unwind) {
+func (w *Worker) invoke(rc *runContext) (out []byte, u *unwind, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			if uw, ok := r.(unwind); ok {
@@ -506,18 +517,18 @@ func (w *Worker) invoke(rc *runContext) (out []byte, err error, u *unwind) {
 	}()
 	input, err := w.pl.open(rc.run.Input, adInput(rc.run.ID))
 	if err != nil {
-		return nil, Terminal(fmt.Errorf("decode input: %w", err)), nil
+		return nil, nil, Terminal(fmt.Errorf("decode input: %w", err))
 	}
 	out, err = rc.def.invoke(rc, input)
 	if err != nil {
-		return nil, err, nil
+		return nil, nil, err
 	}
 	if len(out) > w.cfg.Limits.MaxStepOutputBytes {
-		return nil, Terminal(wire.Errorf(wire.ErrPayloadTooLarge, "workflow output is %d bytes, over the limit of %d",
-			len(out), w.cfg.Limits.MaxStepOutputBytes)), nil
+		return nil, nil, Terminal(wire.Errorf(wire.ErrPayloadTooLarge, "workflow output is %d bytes, over the limit of %d",
+			len(out), w.cfg.Limits.MaxStepOutputBytes))
 	}
 	out, err = w.pl.seal(out, adOutput(rc.run.ID))
-	return out, err, nil
+	return out, nil, err
 }
 
 func (w *Worker) finishCompleted(rc *runContext, out []byte) {

@@ -221,9 +221,7 @@ func TestTerminalErrorsAndPanics(t *testing.T) {
 	var panics atomic.Int32
 	panicky := sdk.Workflow("panicky", func(ctx sdk.Context, _ struct{}) (int, error) {
 		panics.Add(1)
-		var m map[string]int
-		m["boom"] = 1
-		return 0, nil
+		panic(errors.New("boom"))
 	})
 	big := sdk.Workflow("big", func(ctx sdk.Context, _ struct{}) (string, error) {
 		return sdk.Step(ctx, "huge", func(context.Context) (string, error) { return strings.Repeat("x", 2048), nil })
