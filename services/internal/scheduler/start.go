@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -36,6 +37,11 @@ func decodeStrict(kind string, data []byte, v any) error {
 	trimmed := bytes.TrimLeft(data, " \t\r\n")
 	if len(trimmed) == 0 || trimmed[0] != '{' {
 		return wire.Errorf(wire.ErrInvalidArgument, "%s body must be a JSON object", kind)
+	}
+	// encoding/json turns bytes that are not UTF-8 into U+FFFD, so an idempotency key
+	// would be stored as something other than what was sent; JSON must be UTF-8 anyway.
+	if !utf8.Valid(trimmed) {
+		return wire.Errorf(wire.ErrInvalidArgument, "%s body is not valid UTF-8", kind)
 	}
 	dec := json.NewDecoder(bytes.NewReader(trimmed))
 	dec.DisallowUnknownFields()
