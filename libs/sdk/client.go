@@ -119,6 +119,13 @@ func (c *Client) StartByName(ctx context.Context, workflow string, input any, op
 	for _, o := range opts {
 		o(&req)
 	}
+	if req.IdempotencyKey != "" {
+		// Before encoding: encoding/json would turn bytes that are not UTF-8 into U+FFFD,
+		// and the run would be keyed by something other than what the caller passed.
+		if err := wire.ValidateKey("idempotency key", req.IdempotencyKey); err != nil {
+			return "", err
+		}
+	}
 	if req.Input, err = c.pl.seal(data, adInput(req.RequestID)); err != nil {
 		return "", err
 	}
