@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -366,13 +367,17 @@ func (b *bencher) runS3(ctx context.Context) error {
 	})
 }
 
-// lateness is, for every bench-sleep run, the record time of the step after the sleep
-// minus the sleep's wake time, in ms.
-func (s *system) lateness(ctx context.Context) ([]float64, error) {
+// lateness is, for every bench-sleep run (of those that slept until wake, when given),
+// the record time of the step after the sleep minus the sleep's wake time, in ms.
+func (s *system) lateness(ctx context.Context, wake ...time.Time) ([]float64, error) {
+	var only *time.Time
+	if len(wake) > 0 {
+		only = &wake[0]
+	}
 	late, err := queryFloats(ctx, s, `
 SELECT extract(epoch FROM a.created_at - z.wake_at)::float8 * 1000
 FROM step_runs z JOIN step_runs a ON a.run_id = z.run_id AND a.step_key = 'after'
-WHERE z.step_key = 'nap'`)
+WHERE z.step_key = 'nap' AND ($1::timestamptz IS NULL OR z.wake_at = $1)`, only)
 	if err != nil {
 		return nil, fmt.Errorf("read wake-up lateness: %w", err)
 	}
@@ -515,15 +520,19 @@ type ProcMemory struct {
 
 // SleepingScale is S5.
 type SleepingScale struct {
-	Sleepers        int         `json:"sleepers"`
+	Sleepers int `json:"sleepers"`
+	// ScaledFrom is the default (100,000) when the bench cut the number of sleepers down
+	// to fit its time budget at the rate the probe measured; 0 when it did not.
+	ScaledFrom      int         `json:"scaled_down_from,omitempty"`
+	ProbeRate       float64     `json:"probe_parked_per_s"` // how fast the probe's runs were started and parked
 	AllAsleepAtOnce bool        `json:"all_asleep_at_once"`
 	PeakAsleep      int         `json:"peak_asleep"`
 	StartPhase      Seconds     `json:"start_phase_s"` // first start to the last run parked
-	First           ProcMemory  `json:"at_first"`      // after the first batch (1,000) is asleep
-	All             ProcMemory  `json:"at_all"`        // after every run is asleep
+	First           ProcMemory  `json:"at_probe"`      // the probe's 1,000 asleep
+	All             ProcMemory  `json:"at_all"`        // every sleeper asleep
 	ExecutorPeakRSS int64       `json:"executor_peak_rss_bytes"`
 	TimerPeakRSS    int64       `json:"timer_peak_rss_bytes"`
-	PGBytes         int64       `json:"pg_bytes"` // workflow_runs + step_runs with indexes and TOAST, all asleep
+	PGBytes         int64       `json:"pg_bytes"` // what the sleepers added to workflow_runs + step_runs, indexes and TOAST included
 	PGBytesPerRun   float64     `json:"pg_bytes_per_run"`
 	WakeToFinish    Seconds     `json:"wake_to_all_finished_s"`
 	FinishPerS      float64     `json:"finished_per_s"`
@@ -531,50 +540,34 @@ type SleepingScale struct {
 	RatioTo8Clients float64     `json:"finish_rate_ratio_to_8_client_commit_rate,omitempty"`
 }
 
+// Sizes of S5.
+const (
+	defaultSleepers = 100_000
+	probeSleepers   = 1000
+	// s5Budget bounds S5 when the number of sleepers is left to the bench: with the rest
+	// of the scenarios, `make bench` must stay under ten minutes.
+	s5Budget = 5 * time.Minute
+	// s5Cost is S5's duration in units of "time to start and park every sleeper": the
+	// parking, the margin before the shared wake time, then waking and finishing them.
+	s5Cost = 2.5
+)
+
 func (b *bencher) runS5(ctx context.Context) error {
-	n := b.cfg.Sleepers
-	firstBatch := min(1000, n)
-	b.progress("S5 sleeping scale: %d runs of %s asleep at once", n, benchwf.SleepName)
+	probe := probeSleepers
+	if b.cfg.Sleepers > 0 {
+		probe = min(probe, b.cfg.Sleepers)
+	}
+	b.progress("S5 sleeping scale: a probe of %d sleepers, then the sleepers asleep at once", probe)
 	return b.withSystem(ctx, "s5", func(s *system) error {
 		_, tmr, exec, err := s.services(ctx, b.executorConcurrencyEnv()...)
 		if err != nil {
 			return err
 		}
-		// Every run sleeps until one shared wake time, which must fall after the last run
-		// has parked. The start rate is estimated from S1 (half of it: a sleeper costs a
-		// start, a claim and a park, and later a second claim); without S1, conservatively.
-		rate := 500.0
-		if b.rep.S1 != nil && b.rep.S1.WorkflowsPerS > 0 {
-			rate = b.rep.S1.WorkflowsPerS / 2
-		}
-		dbStart, err := dbNow(ctx, s.pool)
-		if err != nil {
-			return err
-		}
-		estimate := time.Duration(float64(n) / rate * float64(time.Second))
-		wake := dbStart.Add(2*time.Second + estimate + estimate/10)
-		in := benchwf.SleepInput{Until: &wake}
-		b.progress("S5: shared wake time in %.0f s", wake.Sub(dbStart).Seconds())
-
-		r := &SleepingScale{Sleepers: n}
+		r := &SleepingScale{}
 		asleep := func(ctx context.Context) (int, error) {
 			var k int
 			err := s.pool.QueryRow(ctx, `SELECT count(*) FROM workflow_runs WHERE status = 'SLEEPING'`).Scan(&k)
 			return k, err
-		}
-		waitAsleep := func(want int) error {
-			return poll(ctx, exec, 250*time.Millisecond, func(ctx context.Context) (bool, error) {
-				k, err := asleep(ctx)
-				r.PeakAsleep = max(r.PeakAsleep, k)
-				if k >= want {
-					return true, err
-				}
-				now, err2 := dbNow(ctx, s.pool)
-				if err2 == nil && now.After(wake) {
-					return true, nil // the first sleepers are waking; measure what there is
-				}
-				return false, err
-			})
 		}
 		snapshot := func(sleepers int) (ProcMemory, error) {
 			me, err := readMemory(exec.pid())
@@ -587,39 +580,96 @@ func (b *bencher) runS5(ctx context.Context) error {
 			}
 			return ProcMemory{Sleepers: sleepers, Executor: me.RSSBytes, Timer: mt.RSSBytes}, nil
 		}
+		tableBytes := func() (int64, error) {
+			var n int64
+			err := s.pool.QueryRow(ctx, `SELECT pg_total_relation_size('workflow_runs') + pg_total_relation_size('step_runs')`).Scan(&n)
+			if err != nil {
+				return 0, fmt.Errorf("read table sizes: %w", err)
+			}
+			return n, nil
+		}
+		// park starts n sleepers that all wake at one shared time, which must fall after
+		// the last of them has parked, and waits until they are all asleep (or the wake
+		// time has come: then the report says how many were asleep at once).
+		park := func(n int, rate float64) (wake time.Time, peak int, took time.Duration, err error) {
+			now, err := dbNow(ctx, s.pool)
+			if err != nil {
+				return wake, 0, 0, err
+			}
+			estimate := time.Duration(float64(n) / rate * float64(time.Second))
+			// Whole milliseconds: the time travels as JSON and is stored in microseconds,
+			// and the lateness query finds these sleepers by it.
+			wake = now.Add(time.Second + estimate + estimate/4).Truncate(time.Millisecond)
+			in := benchwf.SleepInput{Until: &wake}
+			began := time.Now()
+			if _, err := s.startMany(ctx, benchwf.SleepName, n, b.cfg.StartConcurrency, func(int) any { return in }); err != nil {
+				return wake, 0, 0, err
+			}
+			err = poll(ctx, exec, 250*time.Millisecond, func(ctx context.Context) (bool, error) {
+				k, err := asleep(ctx)
+				peak = max(peak, k)
+				if k >= n {
+					return true, err
+				}
+				now, err2 := dbNow(ctx, s.pool)
+				return err2 == nil && now.After(wake), errors.Join(err, err2)
+			})
+			return wake, peak, time.Since(began), err
+		}
 
-		began := time.Now()
-		if _, err := s.startMany(ctx, benchwf.SleepName, firstBatch, b.cfg.StartConcurrency, func(int) any { return in }); err != nil {
-			return err
+		// The probe measures what parking costs here, so that the shared wake time of the
+		// sleepers is neither too soon (not all asleep at once) nor minutes too late.
+		guess := 200.0
+		if b.rep.S1 != nil && b.rep.S1.WorkflowsPerS > 0 {
+			guess = b.rep.S1.WorkflowsPerS / 2
 		}
-		if err := waitAsleep(firstBatch); err != nil {
-			return err
-		}
-		if r.First, err = snapshot(r.PeakAsleep); err != nil {
-			return err
-		}
-		if rest := n - firstBatch; rest > 0 {
-			if _, err := s.startMany(ctx, benchwf.SleepName, rest, b.cfg.StartConcurrency, func(int) any { return in }); err != nil {
-				return err
-			}
-			if err := waitAsleep(n); err != nil {
-				return err
-			}
-		}
-		r.StartPhase = secs(time.Since(began))
-		r.AllAsleepAtOnce = r.PeakAsleep >= n
-		if r.All, err = snapshot(r.PeakAsleep); err != nil {
-			return err
-		}
-		err = s.pool.QueryRow(ctx, `SELECT pg_total_relation_size('workflow_runs') + pg_total_relation_size('step_runs')`).Scan(&r.PGBytes)
+		_, peak, took, err := park(probe, guess)
 		if err != nil {
-			return fmt.Errorf("read table sizes: %w", err)
+			return fmt.Errorf("probe: %w", err)
 		}
-		r.PGBytesPerRun = float64(r.PGBytes) / float64(n)
-		b.progress("S5: %d asleep after %.1f s; %.0f PostgreSQL bytes per run; waiting for the wake time",
-			r.PeakAsleep, float64(r.StartPhase), r.PGBytesPerRun)
+		if r.First, err = snapshot(peak); err != nil {
+			return err
+		}
+		r.ProbeRate = float64(peak) / took.Seconds()
+		if err := s.waitFinished(ctx, benchwf.SleepName, probe, exec, tmr); err != nil {
+			return fmt.Errorf("probe: %w", err)
+		}
+		if _, err := s.pool.Exec(ctx, `VACUUM workflow_runs, step_runs`); err != nil {
+			return fmt.Errorf("vacuum after the probe: %w", err)
+		}
+		before, err := tableBytes()
+		if err != nil {
+			return err
+		}
 
-		if err := s.waitFinished(ctx, benchwf.SleepName, n, exec, tmr); err != nil {
+		n := b.cfg.Sleepers
+		if n <= 0 {
+			n = defaultSleepers
+			if fit := int(s5Budget.Seconds()/s5Cost*r.ProbeRate) / 1000 * 1000; fit < n {
+				n, r.ScaledFrom = max(fit, probe), defaultSleepers
+				b.progress("S5: at %.0f parked/s, %d sleepers would take about %.0f s; running %d (--sleepers forces a number)",
+					r.ProbeRate, defaultSleepers, s5Cost*defaultSleepers/r.ProbeRate, n)
+			}
+		}
+		r.Sleepers = n
+		wake, peak, took, err := park(n, r.ProbeRate)
+		if err != nil {
+			return err
+		}
+		r.PeakAsleep, r.StartPhase, r.AllAsleepAtOnce = peak, secs(took), peak >= n
+		if r.All, err = snapshot(peak); err != nil {
+			return err
+		}
+		after, err := tableBytes()
+		if err != nil {
+			return err
+		}
+		r.PGBytes = after - before
+		r.PGBytesPerRun = float64(r.PGBytes) / float64(n)
+		b.progress("S5: %d asleep after %.1f s; %.0f PostgreSQL bytes per run; wake in %.0f s",
+			r.PeakAsleep, took.Seconds(), r.PGBytesPerRun, time.Until(wake).Seconds())
+
+		if err := s.waitFinished(ctx, benchwf.SleepName, probe+n, exec, tmr); err != nil {
 			return err
 		}
 		if err := s.failed(ctx, benchwf.SleepName); err != nil {
@@ -640,7 +690,7 @@ func (b *bencher) runS5(ctx context.Context) error {
 		}
 		r.WakeToFinish = secs(last.Sub(wake))
 		r.FinishPerS = float64(n) / last.Sub(wake).Seconds()
-		late, err := s.lateness(ctx)
+		late, err := s.lateness(ctx, wake)
 		if err != nil {
 			return err
 		}

@@ -44,6 +44,7 @@ type system struct {
 	client *sdk.Client
 	done   *doneWatcher
 
+	mu    sync.Mutex // procs: services start in parallel
 	procs []*proc
 }
 
@@ -223,7 +224,9 @@ func (s *system) start(ctx context.Context, service, name string, extra ...strin
 	if err != nil {
 		return nil, err
 	}
+	s.mu.Lock()
 	s.procs = append(s.procs, p)
+	s.mu.Unlock()
 	var ready func(context.Context, *proc) error
 	switch service {
 	case "scheduler":
@@ -318,8 +321,11 @@ func (s *system) executorReady(ctx context.Context, p *proc) error {
 
 // close stops what is still running, then drops the database unless --keep.
 func (s *system) close() {
+	s.mu.Lock()
+	procs := s.procs
+	s.mu.Unlock()
 	var wg sync.WaitGroup
-	for _, p := range s.procs {
+	for _, p := range procs {
 		wg.Add(1)
 		go func() { defer wg.Done(); p.stop(5 * time.Second) }()
 	}
