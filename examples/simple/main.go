@@ -12,6 +12,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"os"
 	"time"
@@ -50,7 +51,9 @@ var ProcessOrder = sdk.Workflow("process-order", func(ctx sdk.Context, o Order) 
 	chargeID, err := sdk.Step(ctx, "charge", func(ctx context.Context) (string, error) {
 		// sdk.StepKey(ctx) is stable across retries: hand it to the payment provider as
 		// its idempotency key.
-		return "ch_" + sdk.StepKey(ctx)[:8], nil
+		h := fnv.New64a()
+		h.Write([]byte(sdk.StepKey(ctx)))
+		return fmt.Sprintf("ch_%x", h.Sum64()), nil
 	})
 	if err != nil {
 		return Receipt{}, err
