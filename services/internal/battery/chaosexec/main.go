@@ -1,0 +1,131 @@
+// Command chaosexec is the executor the fault battery runs as a real process (built
+// with -tags kagzi_failpoints, so KAGZI_FAILPOINTS arms the SDK's crash points). It hosts
+// the chaoswf workflow and, every 100 ms while they change, writes its Worker.Stats into
+// test_worker_stats under its pid: the tests read fenced writes and no-op claims there,
+// with no port to allocate and nothing lost when the process is later killed.
+//
+//	DATABASE_URL, NATS_URL, KAGZI_EXECUTOR_NAME, KAGZI_LEASE (2s), KAGZI_CONCURRENCY (8)
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/sdk"
+	"github.com/kagzi/kagzi/libs/store"
+	"github.com/kagzi/kagzi/services/internal/battery/chaoswf"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "chaosexec:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	lease, err := time.ParseDuration(envOr("KAGZI_LEASE", "2s"))
+	if err != nil {
+		return fmt.Errorf("KAGZI_LEASE: %w", err)
+	}
+	conc, err := strconv.Atoi(envOr("KAGZI_CONCURRENCY", "8"))
+	if err != nil {
+		return fmt.Errorf("KAGZI_CONCURRENCY: %w", err)
+	}
+	pool, err := store.Connect(ctx, os.Getenv("DATABASE_URL"), 8)
+	if err != nil {
+		return fmt.Errorf("connect worker pool: %w", err)
+	}
+	defer pool.Close()
+	effects, err := store.Connect(ctx, os.Getenv("DATABASE_URL"), 8)
+	if err != nil {
+		return fmt.Errorf("connect effects pool: %w", err)
+	}
+	defer effects.Close()
+	chaoswf.Effects = effects
+	nc, err := bus.Connect(bus.ConnOptions{URL: os.Getenv("NATS_URL"), Name: "chaosexec-" + chaoswf.ExecutorName})
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	w, err := sdk.NewWorker(sdk.WorkerConfig{Pool: pool, Conn: nc, Lease: lease, Concurrency: conc,
+		RetryBackoff: 100 * time.Millisecond, MaxBackoff: time.Second, ShutdownGrace: time.Second,
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))})
+	if err != nil {
+		return fmt.Errorf("new worker: %w", err)
+	}
+	if err := w.Register(chaoswf.Workflow); err != nil {
+		return fmt.Errorf("register: %w", err)
+	}
+	if err := w.Start(ctx); err != nil {
+		return fmt.Errorf("start worker: %w", err)
+	}
+	fmt.Fprintf(os.Stderr, "chaosexec ready pid=%d worker=%s\n", os.Getpid(), w.ID())
+	statsDone := make(chan struct{})
+	go func() { defer close(statsDone); publishStats(ctx, effects, w) }()
+	<-ctx.Done()
+	err = w.Stop(context.Background())
+	<-statsDone
+	writeStats(effects, w.Stats()) // the last word, counting what Stop did
+	return err
+}
+
+const statsSQL = `
+INSERT INTO test_worker_stats (pid, executor, claimed, claim_noops, poison, steps_recorded, completed, failed,
+    retried, fenced_rejected, lease_lost, released, at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, clock_timestamp())
+ON CONFLICT (pid) DO UPDATE SET claimed = $3, claim_noops = $4, poison = $5, steps_recorded = $6,
+    completed = $7, failed = $8, retried = $9, fenced_rejected = $10, lease_lost = $11, released = $12,
+    at = clock_timestamp()`
+
+func publishStats(ctx context.Context, pool *pgxpool.Pool, w *sdk.Worker) {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	var last sdk.WorkerStats
+	first := true
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		s := w.Stats()
+		s.InFlight = 0 // changes all the time and no test reads it
+		if s == last && !first {
+			continue
+		}
+		if writeStats(pool, s) {
+			last, first = s, false
+		}
+	}
+}
+
+func writeStats(pool *pgxpool.Pool, s sdk.WorkerStats) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_, err := pool.Exec(ctx, statsSQL, os.Getpid(), chaoswf.ExecutorName, s.Claimed, s.ClaimNoops, s.Poison,
+		s.StepsRecorded, s.Completed, s.Failed, s.Retried, s.FencedRejected, s.LeaseLost, s.Released)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "chaosexec: write stats:", err)
+		return false
+	}
+	return true
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}

@@ -1,0 +1,132 @@
+// Package chaoswf is the workflow the fault battery runs, shared by the chaos executor
+// (which hosts it) and the tests (which predict its output). Every step body first
+// writes one test_effects row through a separate autocommit pool, so the tests count
+// body executions even when a result is never recorded.
+package chaoswf
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/kagzi/kagzi/libs/sdk"
+)
+
+// Name is the workflow's name.
+const Name = "battery"
+
+// Input shapes one run. Steps are keyed "step", "step#2", …; each body takes a
+// pseudo-random MinMS..MaxMS derived from (Seed, step), so a run's timing is
+// reproducible from its input.
+type Input struct {
+	Seed  int `json:"seed"`
+	Steps int `json:"steps"`
+	MinMS int `json:"min_ms,omitempty"`
+	MaxMS int `json:"max_ms,omitempty"`
+	// SleepAfter (1-based) makes the run Sleep("nap", SleepMS) after that step.
+	SleepAfter int `json:"sleep_after,omitempty"`
+	SleepMS    int `json:"sleep_ms,omitempty"`
+	// LatchStep (1-based): on the run's first attempt that step's body, after writing its
+	// effect, waits until the test inserts the run into test_latches. It ignores its
+	// context on purpose: it plays a zombie whose body outlives its lease.
+	LatchStep int `json:"latch_step,omitempty"`
+}
+
+// Value is step i's result for a seed.
+func Value(seed, i int) string {
+	h := sha256.Sum256([]byte(fmt.Sprintf("kagzi-battery/%d/%d", seed, i)))
+	return hex.EncodeToString(h[:6])
+}
+
+// Expected is the output a run with this input must end with, however it was
+// interrupted.
+func Expected(in Input) string {
+	vals := make([]string, in.Steps)
+	for i := range vals {
+		vals[i] = Value(in.Seed, i+1)
+	}
+	return strings.Join(vals, "-")
+}
+
+func bodyDuration(in Input, i int) time.Duration {
+	if in.MaxMS <= in.MinMS {
+		return time.Duration(in.MinMS) * time.Millisecond
+	}
+	h := sha256.Sum256([]byte(fmt.Sprintf("duration/%d/%d", in.Seed, i)))
+	span := uint64(in.MaxMS - in.MinMS + 1)
+	return time.Duration(in.MinMS+int(binary.BigEndian.Uint64(h[:8])%span)) * time.Millisecond
+}
+
+// Effects is the autocommit pool the bodies write test_effects and poll latches with;
+// the executor sets it before starting its worker.
+var Effects *pgxpool.Pool
+
+// ExecutorName is the executor's name as the tests know it (KAGZI_EXECUTOR_NAME).
+var ExecutorName = os.Getenv("KAGZI_EXECUTOR_NAME")
+
+// The fence is read in the same statement: it is the claim this body runs under unless
+// the run was already taken from us, which is exactly what a zombie's row should show.
+const effectSQL = `
+INSERT INTO test_effects (run_id, step_key, idem_key, executor_id, fence, attempt, pid)
+SELECT $1, $2, $3, $4, (SELECT fence FROM workflow_runs WHERE id = $1), $5, $6`
+
+func effect(ctx sdk.Context, sctx context.Context) error {
+	key := sdk.StepKey(sctx)
+	runID := ctx.RunID()
+	// Not the step's context: a body that was cancelled still ran, and must be counted.
+	ectx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := Effects.Exec(ectx, effectSQL, runID, strings.TrimPrefix(key, runID+"/"), key, ExecutorName,
+		ctx.Attempt(), os.Getpid())
+	if err != nil {
+		return fmt.Errorf("record effect of %s: %w", key, err)
+	}
+	return nil
+}
+
+func waitLatch(runID string) {
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		var open bool
+		err := Effects.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM test_latches WHERE run_id = $1)`, runID).Scan(&open)
+		cancel()
+		if err == nil && open {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Workflow is the battery's workflow.
+var Workflow = sdk.Workflow(Name, func(ctx sdk.Context, in Input) (string, error) {
+	vals := make([]string, 0, in.Steps)
+	for i := 1; i <= in.Steps; i++ {
+		v, err := sdk.Step(ctx, "step", func(sctx context.Context) (string, error) {
+			if err := effect(ctx, sctx); err != nil {
+				return "", err
+			}
+			if i == in.LatchStep && ctx.Attempt() == 1 {
+				waitLatch(ctx.RunID())
+			}
+			time.Sleep(bodyDuration(in, i))
+			return Value(in.Seed, i), nil
+		})
+		if err != nil {
+			return "", err
+		}
+		vals = append(vals, v)
+		if i == in.SleepAfter {
+			if err := ctx.Sleep("nap", time.Duration(in.SleepMS)*time.Millisecond); err != nil {
+				return "", err
+			}
+		}
+	}
+	return strings.Join(vals, "-"), nil
+})

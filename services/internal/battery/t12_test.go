@@ -1,0 +1,92 @@
+package battery
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/kagzi/kagzi/libs/testkit"
+	"github.com/kagzi/kagzi/services/internal/battery/chaoswf"
+)
+
+// T12 — sleep across a full outage. W runs take a step and sleep; while they sleep every
+// Kagzi process and nats-server are SIGKILLed, and everything comes back after the wake
+// time has passed. Pass: all W COMPLETED by the deadline (4 s [5 s] after the restart); the first step's body ran once
+// per run (its recorded result survived); no run went on before its wake time (by the
+// database clock, both the SLEEPING → QUEUED transition and the second step's body);
+// each run woke exactly once.
+//
+// The executors' lease is 5 s: T12 is about the outage, not about leases lapsing on a
+// loaded machine before it.
+//
+// Gate: Sleep(6 s), kill at t = 2 s, restart at t = 9 s, deadline t = 13 s; the chaos
+// size is BATTERY.md's: Sleep(8 s), kill at 3 s, restart at 15 s, deadline 20 s.
+func TestT12SleepAcrossOutage(t *testing.T) {
+	w := pick(300, 1000)
+	sleep := pick(6*time.Second, 8*time.Second)
+	killAt, restartAt, deadline := pick(2*time.Second, 3*time.Second), pick(9*time.Second, 15*time.Second), pick(13*time.Second, 20*time.Second)
+	sum := newSummary(t, fmt.Sprintf("W=%d step → Sleep(%s) → step; everything killed at t=%s, restarted at t=%s, deadline t=%s",
+		w, sleep, killAt, restartAt, deadline))
+	s := newSystem(t)
+	procs := []*testkit.Process{
+		s.scheduler("scheduler"),
+		s.timer("timer"),
+		s.executor("exec-a", "KAGZI_CONCURRENCY=32", "KAGZI_LEASE=5s"),
+		s.executor("exec-b", "KAGZI_CONCURRENCY=32", "KAGZI_LEASE=5s"),
+	}
+	t0 := time.Now()
+	ids := s.startRuns(inputs(w, func(i int) chaoswf.Input {
+		return chaoswf.Input{Seed: 12000 + i, Steps: 2, MinMS: 5, MaxMS: 20, SleepAfter: 1, SleepMS: int(sleep.Milliseconds())}
+	}))
+	// The schedule is relative to the start, but the outage must begin with every run
+	// asleep and end after every wake time: a loaded machine shifts it later rather than
+	// failing the premise.
+	if got, ok := s.oracle.WaitCount(max(time.Until(t0.Add(killAt)), 20*time.Second), w,
+		`SELECT count(*) FROM workflow_runs WHERE status = 'SLEEPING'`); !ok {
+		t.Fatalf("only %d of %d runs asleep", got, w)
+	}
+	time.Sleep(time.Until(t0.Add(killAt))) // the outage's schedule
+	killed := time.Now()
+	for _, p := range procs {
+		s.kill(p)
+	}
+	s.nats.Kill()
+	var untilLastWake time.Duration
+	if err := s.pool.QueryRow(context.Background(), `SELECT extract(epoch FROM max(wake_at) - clock_timestamp())::float8 * interval '1 second'
+		FROM step_runs WHERE kind = 'sleep'`).Scan(&untilLastWake); err != nil {
+		t.Fatal(err)
+	}
+	restart := t0.Add(restartAt)
+	if lastWake := time.Now().Add(untilLastWake + 500*time.Millisecond); lastWake.After(restart) {
+		restart = lastWake
+	}
+	time.Sleep(time.Until(restart))
+	sum.Faults = fmt.Sprintf("SIGKILL of scheduler, timer, 2 executors and nats-server for %.1fs", time.Since(killed).Seconds())
+	t.Logf("outage from t=%.1fs to t=%.1fs", killed.Sub(t0).Seconds(), time.Since(t0).Seconds())
+	s.nats.Start()
+	s.nats.WaitReady(t)
+	for _, p := range procs {
+		p.Start()
+	}
+	s.waitCompleted(w, time.Until(restart.Add(deadline-restartAt)))
+	t.Logf("all runs COMPLETED %.1fs after the start", time.Since(t0).Seconds())
+
+	tl := s.oracle.Tally(s.faultedPIDs())
+	sum.fill(tl, s.oracle.NotCompleted(ids), 2*w)
+	t.Logf("tally: %+v", tl)
+	expectEq(t, "first-step bodies", s.oracle.Count(`SELECT count(*) FROM test_effects WHERE step_key = 'step'`), w)
+	expectEq(t, "step results recorded", tl.StepResults, 2*w)
+	expectZero(t, "repeated step bodies", tl.DupBodies)
+	expectZero(t, "runs queued before their wake time", s.oracle.Count(`SELECT count(*) FROM test_transitions t
+		JOIN step_runs s ON s.run_id = t.run_id AND s.kind = 'sleep'
+		WHERE t.old_status = 'SLEEPING' AND t.new_status = 'QUEUED' AND t.at < s.wake_at`))
+	expectZero(t, "second steps begun before their wake time", s.oracle.Count(`SELECT count(*) FROM test_effects e
+		JOIN step_runs s ON s.run_id = e.run_id AND s.kind = 'sleep' WHERE e.step_key = 'step#2' AND e.at < s.wake_at`))
+	expectEq(t, "runs that woke exactly once", s.oracle.Count(`SELECT count(*) FROM (SELECT run_id FROM test_transitions
+		WHERE old_status = 'SLEEPING' AND new_status = 'QUEUED' GROUP BY run_id HAVING count(*) = 1) x`), w)
+	expectEq(t, "entries into COMPLETED", tl.CompletedEntries, w)
+	expectZero(t, "transitions out of a terminal status", tl.TerminalExits)
+	expectZero(t, "runs whose output differs from a fault-free run's", s.wrongOutputs())
+	s.checkNoPanics()
+}
