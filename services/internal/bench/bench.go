@@ -71,6 +71,10 @@ type Config struct {
 	// expiries are announced by no hint, so it bounds how soon S4 notices the kill.
 	TimerMaxIdle time.Duration
 
+	// ScenarioTimeout bounds each scenario but S5, which bounds itself by the rate its
+	// probe measured (default 4m). A system that stops making progress fails its
+	// scenario with a summary of where its runs are, and the bench goes on.
+	ScenarioTimeout time.Duration
 	// ServiceLogLevel is KAGZI_LOG_LEVEL of the services (default warn); their logs are
 	// kept in a directory the report names when something failed.
 	ServiceLogLevel string
@@ -120,6 +124,7 @@ func (c *Config) setDefaults() error {
 	setInt(&c.Sleepers, 100_000)
 	setDur(&c.Idle, 60*time.Second)
 	setDur(&c.RefDuration, 3*time.Second)
+	setDur(&c.ScenarioTimeout, 4*time.Minute)
 	setInt(&c.StartConcurrency, 64)
 	if c.Out == "" {
 		c.Out = "bench.json"
@@ -241,7 +246,13 @@ func Run(ctx context.Context, cfg Config, stdout io.Writer) error {
 			continue
 		}
 		began := time.Now()
-		if err := steps[name](ctx); err != nil {
+		sctx, cancel := ctx, context.CancelFunc(func() {})
+		if name != S5Sleepers {
+			sctx, cancel = context.WithTimeout(ctx, cfg.ScenarioTimeout)
+		}
+		err := steps[name](sctx)
+		cancel()
+		if err != nil {
 			b.rep.Errors[name] = err.Error()
 			b.progress("%s failed after %.1fs: %v", name, time.Since(began).Seconds(), err)
 			continue

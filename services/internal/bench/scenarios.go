@@ -591,7 +591,7 @@ func (b *bencher) runS5(ctx context.Context) error {
 		// park starts n sleepers that all wake at one shared time, which must fall after
 		// the last of them has parked, and waits until they are all asleep (or the wake
 		// time has come: then the report says how many were asleep at once).
-		park := func(n int, rate float64) (wake time.Time, peak int, took time.Duration, err error) {
+		park := func(ctx context.Context, n int, rate float64, paced bool) (wake time.Time, peak int, took time.Duration, err error) {
 			now, err := dbNow(ctx, s.pool)
 			if err != nil {
 				return wake, 0, 0, err
@@ -602,7 +602,11 @@ func (b *bencher) runS5(ctx context.Context) error {
 			wake = now.Add(time.Second + estimate + estimate/4).Truncate(time.Millisecond)
 			in := benchwf.SleepInput{Until: &wake}
 			began := time.Now()
-			if _, err := s.startMany(ctx, benchwf.SleepName, n, b.cfg.StartConcurrency, func(int) any { return in }); err != nil {
+			pace := 0.0
+			if paced {
+				pace = rate
+			}
+			if _, err := s.startPaced(ctx, benchwf.SleepName, n, b.cfg.StartConcurrency, pace, func(int) any { return in }); err != nil {
 				return wake, 0, 0, err
 			}
 			err = poll(ctx, exec, 250*time.Millisecond, func(ctx context.Context) (bool, error) {
@@ -623,7 +627,12 @@ func (b *bencher) runS5(ctx context.Context) error {
 		if b.rep.S1 != nil && b.rep.S1.WorkflowsPerS > 0 {
 			guess = b.rep.S1.WorkflowsPerS / 2
 		}
-		_, peak, took, err := park(probe, guess)
+		// S5 has no fixed timeout (its size varies by machine); each phase gets one from
+		// what it should take, so a system that stops making progress fails S5 instead
+		// of hanging the bench.
+		pctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		defer cancel()
+		_, peak, took, err := park(pctx, probe, guess, false)
 		if err != nil {
 			return fmt.Errorf("probe: %w", err)
 		}
@@ -631,7 +640,7 @@ func (b *bencher) runS5(ctx context.Context) error {
 			return err
 		}
 		r.ProbeRate = float64(peak) / took.Seconds()
-		if err := s.waitFinished(ctx, benchwf.SleepName, probe, exec, tmr); err != nil {
+		if err := s.waitFinished(pctx, benchwf.SleepName, probe, exec, tmr); err != nil {
 			return fmt.Errorf("probe: %w", err)
 		}
 		if _, err := s.pool.Exec(ctx, `VACUUM workflow_runs, step_runs`); err != nil {
@@ -652,7 +661,12 @@ func (b *bencher) runS5(ctx context.Context) error {
 			}
 		}
 		r.Sleepers = n
-		wake, peak, took, err := park(n, r.ProbeRate)
+		expected := time.Duration(s5Cost * float64(n) / r.ProbeRate * float64(time.Second))
+		mctx, cancel := context.WithTimeout(ctx, expected+expected/2+30*time.Second)
+		defer cancel()
+		// Paced at the probe's rate: S5 is about many runs asleep, not about a burst (that
+		// is S1), and a backlog of queued starts would only measure the queue.
+		wake, peak, took, err := park(mctx, n, r.ProbeRate, true)
 		if err != nil {
 			return err
 		}
@@ -669,7 +683,7 @@ func (b *bencher) runS5(ctx context.Context) error {
 		b.progress("S5: %d asleep after %.1f s; %.0f PostgreSQL bytes per run; wake in %.0f s",
 			r.PeakAsleep, took.Seconds(), r.PGBytesPerRun, time.Until(wake).Seconds())
 
-		if err := s.waitFinished(ctx, benchwf.SleepName, probe+n, exec, tmr); err != nil {
+		if err := s.waitFinished(mctx, benchwf.SleepName, probe+n, exec, tmr); err != nil {
 			return err
 		}
 		if err := s.failed(ctx, benchwf.SleepName); err != nil {

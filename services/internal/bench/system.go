@@ -425,7 +425,7 @@ func (s *system) waitFinished(ctx context.Context, workflow string, want int, wa
 			}
 		case <-slow.C:
 		case <-ctx.Done():
-			return fmt.Errorf("waiting for %d runs of %s: %w", want, workflow, ctx.Err())
+			return fmt.Errorf("waiting for %d runs of %s: %w (%s)", want, workflow, ctx.Err(), s.runSummary())
 		}
 		ok, err := check()
 		if err != nil {
@@ -435,6 +435,31 @@ func (s *system) waitFinished(ctx context.Context, workflow string, want int, wa
 			return nil
 		}
 	}
+}
+
+// runSummary says where the runs are, for a scenario that did not finish: how many are
+// in each status and how often the most re-dispatched one was dispatched.
+func (s *system) runSummary() string {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rows, err := s.pool.Query(ctx, `SELECT status, count(*), max(dispatch_seq), max(attempt) FROM workflow_runs GROUP BY status ORDER BY status`)
+	if err != nil {
+		return "runs unknown: " + err.Error()
+	}
+	defer rows.Close()
+	var parts []string
+	for rows.Next() {
+		var status string
+		var n, seq, attempt int64
+		if err := rows.Scan(&status, &n, &seq, &attempt); err != nil {
+			return "runs unknown: " + err.Error()
+		}
+		parts = append(parts, fmt.Sprintf("%s %d (dispatched up to %d times, attempt up to %d)", status, n, seq, attempt))
+	}
+	if err := rows.Err(); err != nil {
+		return "runs unknown: " + err.Error()
+	}
+	return "runs: " + strings.Join(parts, ", ")
 }
 
 // failed reports runs that did not complete, which void a scenario's figures.
@@ -459,6 +484,12 @@ func (s *system) failed(ctx context.Context, workflow string) error {
 // startMany starts n runs with `workers` concurrent clients, the way a busy front end
 // would, and returns their ids.
 func (s *system) startMany(ctx context.Context, workflow string, n, workers int, input func(i int) any) ([]string, error) {
+	return s.startPaced(ctx, workflow, n, workers, 0, input)
+}
+
+// startPaced is startMany at no more than rate starts a second (0: as fast as the
+// scheduler accepts them).
+func (s *system) startPaced(ctx context.Context, workflow string, n, workers int, rate float64, input func(i int) any) ([]string, error) {
 	ids := make([]string, n)
 	next := make(chan int)
 	errc := make(chan error, workers)
@@ -478,8 +509,16 @@ func (s *system) startMany(ctx context.Context, workflow string, n, workers int,
 		}()
 	}
 	var err error
+	began := time.Now()
 feed:
 	for i := range n {
+		if rate > 0 {
+			if d := time.Until(began.Add(time.Duration(float64(i) / rate * float64(time.Second)))); d > 0 {
+				if err = sleepCtx(ctx, d); err != nil {
+					break feed
+				}
+			}
+		}
 		select {
 		case next <- i:
 		case err = <-errc:
