@@ -18,7 +18,7 @@ LDFLAGS := -X github.com/kagzi/kagzi/services/internal/cli.Version=$(VERSION)
 # PostgreSQL makes its own databases, so more would only queue on the server.
 TESTFLAGS ?= -race -count=1 -p 2 -timeout 9m
 
-.PHONY: all build dev demo test lint tidy bench clean
+.PHONY: all build dev demo test lint tidy bench chaos clean
 
 all: build
 
@@ -64,6 +64,15 @@ bench:
 	cd services && $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o ../bin/kagzi ./kagzi
 	bin/kagzi bench --out bench.json $(BENCHFLAGS)
 	cd libs && $(GO) test -run '^$$' -bench . -benchtime 200x ./store/
+
+# The fault battery (services/internal/battery) at its full chaos sizes, one test at a
+# time, then its summary table: test, faults injected, runs, lost, duplicate results,
+# duplicate bodies (attributable or not), stuck, verdict.
+chaos:
+	@mkdir -p bin && rm -f bin/chaos-summary.txt
+	@cd services && $(GO) test -race -count=1 -p 1 -timeout 120m ./internal/battery/ \
+		-args -kagzi.chaos -kagzi.summary=$(CURDIR)/bin/chaos-summary.txt; \
+	status=$$?; echo; cat $(CURDIR)/bin/chaos-summary.txt 2>/dev/null; exit $$status
 
 clean:
 	rm -rf bin

@@ -16,14 +16,14 @@ import (
 // must complete with exactly its five results recorded; a step body may run twice only
 // if the process that ran it first was killed.
 //
-// Step bodies take 50–200 ms [100–400 ms] instead of BATTERY.md's 5–20 ms: at 5–20 ms the
+// Step bodies take 80–320 ms [100–400 ms] instead of BATTERY.md's 5–20 ms: at 5–20 ms the
 // whole workload drains in about a second and the storm would kill idle processes. The
 // storm lasts as long as the work, so every kill lands on runs in flight.
 func TestT01ExecutorKillStorm(t *testing.T) {
 	w := pick(300, 2000)
-	storm := pick(12*time.Second, 120*time.Second)
+	storm := pick(20*time.Second, 120*time.Second)
 	lease := pick("2s", "5s")
-	minMS, maxMS := pick(50, 100), pick(200, 400)
+	minMS, maxMS := pick(80, 100), pick(320, 400)
 	settle := pick(30*time.Second, 60*time.Second)
 	sum := newSummary(t, fmt.Sprintf("W=%d 5-step (%d–%d ms bodies), 3 executors × 8, lease %s, kill every 2 s for %s",
 		w, minMS, maxMS, lease, storm))

@@ -37,8 +37,8 @@ import (
 // both times with the same idempotency key; for every other point no body ran twice;
 // one run per idempotency key; and every armed process logged its failpoint.
 func TestT02CrashPoints(t *testing.T) {
-	n := pick(20, 50)
-	t.Logf("size: %d runs per failpoint, lease 1 s (BATTERY.md CI size: 50)", n)
+	n := pick(50, 200)
+	t.Logf("size: %d runs per failpoint, lease 1 s", n)
 	points := []struct {
 		name string
 		run  func(t *testing.T, n int)

@@ -2,11 +2,16 @@ package battery
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/kagzi/kagzi/libs/testkit"
 	"github.com/kagzi/kagzi/libs/wire"
@@ -20,7 +25,9 @@ import (
 //	(a) the test deletes 20 % of them by sequence, as a broker that acked a write and
 //	    then lost it would;
 //	(b) nats-server is SIGKILLed, its store directory removed and the server restarted
-//	    empty: every doorbell, stream and consumer is gone.
+//	    empty: every doorbell, stream and consumer is gone;
+//	(c) nats-server is SIGKILLed and every message block file (.blk) of its store is
+//	    truncated to a random length before the restart, as Jepsen did.
 //
 // The executors are resumed. Pass: all S+Q runs COMPLETED, each within T + 3 s of the
 // fault (or of its wake time, if later), where T = 5 s is the reconcile threshold; the
@@ -29,13 +36,22 @@ import (
 // again within 5 s of the restart with no manual step, and the scheduler and timer rode
 // the outage out (same pids).
 func TestT06BrokerLosesMessages(t *testing.T) {
-	t.Run("a-deleted-after-ack", func(t *testing.T) { t06(t, false) })
-	t.Run("b-store-wiped", func(t *testing.T) { t06(t, true) })
+	t.Run("a-deleted-after-ack", func(t *testing.T) { t06(t, t06Delete) })
+	t.Run("b-store-wiped", func(t *testing.T) { t06(t, t06Wipe) })
+	t.Run("c-blocks-truncated", func(t *testing.T) { t06(t, t06Truncate) })
 }
 
 const t06StaleAfter = 5 * time.Second
 
-func t06(t *testing.T, wipe bool) {
+type t06Fault int
+
+const (
+	t06Delete t06Fault = iota
+	t06Wipe
+	t06Truncate
+)
+
+func t06(t *testing.T, fault t06Fault) {
 	queued, sleepers := pick(300, 3000), pick(200, 2000)
 	sum := newSummary(t, fmt.Sprintf("%d QUEUED + %d woken sleepers (3 s) held in the stream, T=5 s, sweep ≤ 1 s", queued, sleepers))
 	s := newSystem(t)
@@ -73,20 +89,46 @@ func t06(t *testing.T, wipe bool) {
 	var dropped int
 	var faultAt time.Time
 	var restarted time.Time
-	if wipe {
-		dropped = total
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 6))
+	switch fault {
+	case t06Wipe, t06Truncate:
 		s.nats.Kill()
-		if err := os.RemoveAll(s.nats.StoreDir); err != nil {
-			t.Fatal(err)
+		if fault == t06Wipe {
+			if err := os.RemoveAll(s.nats.StoreDir); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			n, err := truncateBlocks(s.nats.StoreDir, rng)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("truncated %d message block files", n)
 		}
 		s.nats.Start()
 		s.nats.WaitReady(t)
 		restarted = time.Now()
 		faultAt = s.dbNow()
-		sum.Faults = fmt.Sprintf("nats-server SIGKILL + store wiped (%d doorbells, streams, consumers lost)", dropped)
-	} else {
+		dropped = total
+		if fault == t06Truncate {
+			// What survived the truncation is still in the stream, if the stream did;
+			// the test's own connection may take a moment to come back.
+			for end := time.Now().Add(5 * time.Second); ; time.Sleep(25 * time.Millisecond) {
+				info, err := st.Info(ctx)
+				if err == nil {
+					dropped = total - int(info.State.Msgs)
+					break
+				}
+				if errors.Is(err, jetstream.ErrStreamNotFound) || time.Now().After(end) {
+					t.Logf("task stream after the restart: %v", err)
+					break
+				}
+			}
+			sum.Faults = fmt.Sprintf("nats-server SIGKILL + .blk files truncated (%d of %d doorbells lost)", dropped, total)
+		} else {
+			sum.Faults = fmt.Sprintf("nats-server SIGKILL + store wiped (%d doorbells, streams, consumers lost)", dropped)
+		}
+	default:
 		info := st.CachedInfo()
-		rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 6))
 		for seq := info.State.FirstSeq; seq <= info.State.LastSeq; seq++ {
 			if rng.IntN(5) != 0 {
 				continue
@@ -103,7 +145,7 @@ func t06(t *testing.T, wipe bool) {
 	for _, p := range execs {
 		p.Start()
 	}
-	if wipe {
+	if fault != t06Delete {
 		// Nobody recreates anything by hand: the resumed executors and the services'
 		// own checks must.
 		for {
@@ -160,4 +202,25 @@ func t06(t *testing.T, wipe bool) {
 	expectZero(t, "transitions out of a terminal status", tl.TerminalExits)
 	expectZero(t, "runs whose output differs from a fault-free run's", s.wrongOutputs())
 	s.checkNoPanics()
+}
+
+// truncateBlocks cuts every JetStream message block file under dir to a random length,
+// the torn writes of a machine that lost power, and returns how many it cut.
+func truncateBlocks(dir string, rng *rand.Rand) (int, error) {
+	n := 0
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() || filepath.Ext(path) != ".blk" {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if err := os.Truncate(path, rng.Int64N(info.Size()+1)); err != nil {
+			return fmt.Errorf("truncate %s: %w", path, err)
+		}
+		n++
+		return nil
+	})
+	return n, err
 }
