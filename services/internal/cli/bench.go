@@ -28,7 +28,7 @@ func Bench(ctx context.Context, program string, args []string, env Env) int {
 		fs.StringVar(&dbURL, "database-url", defaultDB, "PostgreSQL server (and credentials) to create the bench databases on (env DATABASE_URL)")
 		fs.StringVar(&scenarios, "scenarios", strings.Join(bench.AllScenarios, ","), "comma-separated scenarios to run")
 		fs.IntVar(&cfg.N, "n", 5000, "S1: runs started at once")
-		fs.IntVar(&cfg.Sleepers, "sleepers", 0, "S5: runs asleep at once (0: 100,000, fewer if they would not fit in 5 minutes here)")
+		fs.IntVar(&cfg.Sleepers, "sleepers", 0, "S5: runs asleep at once (0: 100,000, fewer if they would not fit in 4 minutes here)")
 		fs.DurationVar(&cfg.Idle, "idle", time.Minute, "S6: idle window")
 		fs.IntVar(&concurrency, "concurrency", 0, "executor KAGZI_CONCURRENCY in S1, S3 and S5 (0: the executor's default)")
 		fs.StringVar(&cfg.Out, "out", "bench.json", `JSON report ("-": none)`)
