@@ -29,7 +29,7 @@ type WorkerConfig struct {
 	Conn *nats.Conn    // the executor's NATS connection
 
 	Namespace     string        // default "default"
-	Concurrency   int           // runs executed at once; default 64
+	Concurrency   int           // runs executed at once; default 1000 (each costs a goroutine while it runs)
 	Lease         time.Duration // how long a claim holds a run without renewal; default 30s
 	ShutdownGrace time.Duration // Stop waits this long for runs to finish before handing them back; default 25s
 	RetryBackoff  time.Duration // first retry delay after a failed attempt, doubling; default 1s
@@ -59,7 +59,7 @@ func (c *WorkerConfig) setDefaults() error {
 		return err
 	}
 	if c.Concurrency <= 0 {
-		c.Concurrency = 64
+		c.Concurrency = 1000
 	}
 	if c.Lease <= 0 {
 		c.Lease = 30 * time.Second
@@ -329,10 +329,14 @@ func (w *Worker) handBack() {
 }
 
 // consume pulls doorbells for one workflow, never more than there are free slots, so a
-// message is only taken when it can be run at once.
+// message is only taken when it can be run at once. A pull reserves its slots until it
+// ends, so an idle workflow's pull asks for one message only (it would otherwise sit on
+// slots that a busy workflow of the same worker needs); the size grows back as messages
+// come.
 func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.Consumer) {
 	defer w.loops.Done()
 	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
+	want := w.cfg.Concurrency
 	for ctx.Err() == nil {
 		if cons == nil {
 			c, err := w.recreate(ctx, def.Name())
@@ -344,15 +348,13 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 				continue
 			}
 			cons = c
-			backoff.reset()
 		}
-		n := w.acquireSlots(ctx)
+		n := w.acquireSlots(ctx, want)
 		if n == 0 {
 			return
 		}
-		// The pull is not tied to ctx: a pull request cancelled client-side stays open on
-		// the server and would swallow doorbells (until AckWait) after we stop. Instead a
-		// stopping worker lets its last pull expire and gives back what it yields.
+		// The pull is not tied to ctx: a stopping worker lets its last pull end and gives
+		// back what it yields for immediate redelivery.
 		fctx, cancel := context.WithTimeout(context.Background(), fetchExpiry)
 		batch, err := cons.Fetch(n, jetstream.FetchContext(fctx))
 		if err != nil {
@@ -380,6 +382,7 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 		}
 		cancel()
 		w.releaseSlots(n - got)
+		want = min(max(2*got, 1), w.cfg.Concurrency)
 		if err := batch.Error(); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && !errors.Is(err, nats.ErrTimeout) {
 			w.log.Warn("fetch tasks", "workflow", def.Name(), "error", err)
 			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
@@ -402,15 +405,16 @@ func (w *Worker) recreate(ctx context.Context, workflow string) (jetstream.Consu
 // fetchExpiry bounds one pull request, and so how long Stop waits for the fetch loops.
 const fetchExpiry = time.Second
 
-// acquireSlots blocks for one free slot, then takes whatever else is free at once.
-func (w *Worker) acquireSlots(ctx context.Context) int {
+// acquireSlots blocks for one free slot, then takes whatever else is free at once, up to
+// want; 0 when ctx ended first.
+func (w *Worker) acquireSlots(ctx context.Context, want int) int {
 	select {
 	case <-w.slots:
 	case <-ctx.Done():
 		return 0
 	}
 	n := 1
-	for n < w.cfg.Concurrency {
+	for n < want {
 		select {
 		case <-w.slots:
 			n++

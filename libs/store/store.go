@@ -42,6 +42,9 @@ func Connect(ctx context.Context, databaseURL string, maxConns int32) (*pgxpool.
 	if err != nil {
 		return nil, fmt.Errorf("parse database url: %w", err)
 	}
+	// Group commit keeps a few statements in flight per table family at once; pgx's
+	// default of max(4, CPUs) would queue them on a small machine.
+	cfg.MaxConns = 10
 	if maxConns > 0 {
 		cfg.MaxConns = maxConns
 	}

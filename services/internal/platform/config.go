@@ -87,7 +87,7 @@ type PostgresConfig struct {
 	URL          string
 	MigrationURL string // a role allowed to run DDL; defaults to URL
 	AutoMigrate  bool   // migrate at start-up, else only check the schema version
-	MaxConns     int32  // 0: pgx's default, max(4, CPUs)
+	MaxConns     int32  // 0: store.Connect's default (10)
 }
 
 // Config is the part of the configuration every long-running command shares.
@@ -449,7 +449,7 @@ func (b *binder) postgres(p *PostgresConfig) {
 	b.str(&p.URL, "database-url", "DATABASE_URL", DefaultDatabaseURL, "PostgreSQL URL of the runtime role")
 	b.str(&p.MigrationURL, "migration-database-url", "MIGRATION_DATABASE_URL", "", "PostgreSQL URL of a role allowed to run DDL (default: DATABASE_URL)")
 	b.boolean(&p.AutoMigrate, "auto-migrate", "KAGZI_AUTO_MIGRATE", true, "migrate the schema at start-up (false: only check its version)")
-	b.integer(&maxConns, "db-max-conns", "KAGZI_DB_MAX_CONNS", 0, "PostgreSQL pool size (0: max(4, CPUs))")
+	b.integer(&maxConns, "db-max-conns", "KAGZI_DB_MAX_CONNS", 0, "PostgreSQL pool size (0: 10)")
 	b.check(func() error {
 		if maxConns < 0 || maxConns > math.MaxInt32 {
 			return fmt.Errorf("database pool size %d is out of range (0 to %d)", maxConns, math.MaxInt32)
@@ -555,7 +555,7 @@ func (b *binder) log(l *LogConfig, format string) {
 }
 
 func (b *binder) executor(concurrency *int, lease, grace *time.Duration) {
-	b.integer(concurrency, "concurrency", "KAGZI_CONCURRENCY", 64, "runs executed at once")
+	b.integer(concurrency, "concurrency", "KAGZI_CONCURRENCY", 1000, "runs executed at once")
 	b.dur(lease, "lease", "KAGZI_LEASE", 30*time.Second, "how long a claimed run stays ours without renewal")
 	b.dur(grace, "shutdown-grace", "KAGZI_SHUTDOWN_GRACE", 25*time.Second, "how long running steps may finish on shutdown")
 	b.check(func() error {

@@ -43,7 +43,7 @@ func TestDefaults(t *testing.T) {
 	if cfg.Log.Level != zapcore.InfoLevel || cfg.Log.Format != "json" {
 		t.Errorf("log = %+v", cfg.Log)
 	}
-	if cfg.Concurrency != 64 || cfg.Lease != 30*time.Second || cfg.ShutdownGrace != 25*time.Second {
+	if cfg.Concurrency != 1000 || cfg.Lease != 30*time.Second || cfg.ShutdownGrace != 25*time.Second {
 		t.Errorf("executor = %d %s %s", cfg.Concurrency, cfg.Lease, cfg.ShutdownGrace)
 	}
 
