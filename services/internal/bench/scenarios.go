@@ -52,7 +52,7 @@ func queryFloats(ctx context.Context, s *system, sql string, args ...any) ([]flo
 
 // xacts is the number of transactions PostgreSQL has counted for the scenario's
 // database. It is read from the maintenance database so the probe itself is not
-// counted. The statistics reach the view within about a second of each transaction.
+// counted. A transaction reaches the view within statsFlushLag.
 func (s *system) xacts(ctx context.Context) (int64, error) {
 	conn, err := adminConn(ctx, s.b.cfg.DatabaseURL)
 	if err != nil {
@@ -230,8 +230,10 @@ func (b *bencher) runS1(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("read S1 latencies: %w", err)
 		}
-		// Statistics reach pg_stat_database within about a second of the last commit.
-		time.Sleep(1500 * time.Millisecond)
+		// Every transaction of the run must have reached pg_stat_database.
+		if err := sleepCtx(ctx, statsFlushLag); err != nil {
+			return err
+		}
 		x1, err := s.xacts(ctx)
 		if err != nil {
 			return err
@@ -701,7 +703,11 @@ func (b *bencher) runS5(ctx context.Context) error {
 		b.progress("S5: %d asleep after %.1f s; %.0f PostgreSQL bytes per run; wake in %.0f s",
 			r.PeakAsleep, took.Seconds(), r.PGBytesPerRun, time.Until(wake).Seconds())
 
-		if err := s.waitFinished(mctx, benchwf.SleepName, probe+n, exec, tmr); err != nil {
+		// Waking and finishing them costs about what starting and parking them did; a
+		// system that takes much longer than that has stopped making progress.
+		fctx, cancel := context.WithDeadline(mctx, wake.Add(took+took/2+30*time.Second))
+		defer cancel()
+		if err := s.waitFinished(fctx, benchwf.SleepName, probe+n, exec, tmr); err != nil {
 			return err
 		}
 		if err := s.failed(ctx, benchwf.SleepName); err != nil {
@@ -760,9 +766,11 @@ func (b *bencher) runS6(ctx context.Context) error {
 			return err
 		}
 		procs := map[string]*proc{"scheduler": sched, "timer": tmr, "executor": exec}
-		// Start-up statements are reported to the statistics within about a second of
-		// going idle; the window opens after them.
-		if err := sleepCtx(ctx, min(3*time.Second, window)); err != nil {
+		// A backend reports its transactions to pg_stat_database when it goes idle, but
+		// at most once a second: what it did within a second of its last report waits
+		// for its 10 s idle timeout. The window opens once the start-up's statements
+		// have certainly been reported.
+		if err := sleepCtx(ctx, min(statsFlushLag, window)); err != nil {
 			return err
 		}
 		cpu := func() (map[string]time.Duration, error) {
@@ -817,6 +825,10 @@ func (b *bencher) runS6(ctx context.Context) error {
 		return nil
 	})
 }
+
+// statsFlushLag bounds how late a transaction shows in pg_stat_database (PostgreSQL's
+// PGSTAT_IDLE_INTERVAL, 10 s, plus a margin).
+const statsFlushLag = 12 * time.Second
 
 func sleepCtx(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
