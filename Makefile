@@ -57,13 +57,14 @@ tidy:
 # `kagzi bench`: every scenario of issue 4 against fresh databases on DATABASE_URL's
 # server (the table on stdout, bench.json beside it; BENCHFLAGS="--scenarios s1,s2" and
 # the like pass through), then the store's hot-path micro-benchmarks, whose output two
-# runs can be compared by.
+# runs can be compared by. A failed scenario fails the target, after both have run.
 BENCHFLAGS ?=
 bench:
 	@mkdir -p bin
 	cd services && $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o ../bin/kagzi ./kagzi
-	bin/kagzi bench --out bench.json $(BENCHFLAGS)
-	cd libs && $(GO) test -run '^$$' -bench . -benchtime 200x ./store/
+	@status=0; bin/kagzi bench --out bench.json $(BENCHFLAGS) || status=$$?; \
+	(cd libs && $(GO) test -run '^$$' -bench . -benchtime 200x ./store/) || status=$$?; \
+	exit $$status
 
 # The fault battery (services/internal/battery) at its full chaos sizes, one test at a
 # time, then its summary table: test, faults injected, runs, lost, duplicate results,
