@@ -50,6 +50,19 @@ func queryFloats(ctx context.Context, s *system, sql string, args ...any) ([]flo
 	return pgx.CollectRows(rows, pgx.RowTo[float64])
 }
 
+// redispatched counts the runs of workflow that were dispatched more often than their
+// path needs (1 for a start, +1 per wake-up): the timer's reconciler re-dispatched them
+// because they sat QUEUED longer than KAGZI_STALE_AFTER, usually behind a backlog rather
+// than because a doorbell was lost.
+func (s *system) redispatched(ctx context.Context, workflow string, need int) (int, error) {
+	var n int
+	err := s.pool.QueryRow(ctx, `SELECT count(*) FROM workflow_runs WHERE workflow = $1 AND dispatch_seq > $2`, workflow, need).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("count re-dispatched runs: %w", err)
+	}
+	return n, nil
+}
+
 // xacts is the number of transactions PostgreSQL has counted for the scenario's
 // database. It is read from the maintenance database so the probe itself is not
 // counted. A transaction reaches the view within statsFlushLag.
@@ -182,6 +195,7 @@ type Throughput struct {
 	ExecutorPeakRSS     int64       `json:"executor_peak_rss_bytes"`
 	ExecutorConcurrency string      `json:"executor_concurrency"`
 	XactsPerRun         float64     `json:"pg_transactions_per_run"`
+	Redispatched        int         `json:"redispatched_runs"`
 	RatioTo8Clients     float64     `json:"ratio_to_8_client_commit_rate,omitempty"`
 }
 
@@ -230,6 +244,10 @@ func (b *bencher) runS1(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("read S1 latencies: %w", err)
 		}
+		redis, err := s.redispatched(ctx, benchwf.Noop3Name, 1)
+		if err != nil {
+			return err
+		}
 		// Every transaction of the run must have reached pg_stat_database.
 		if err := sleepCtx(ctx, statsFlushLag); err != nil {
 			return err
@@ -243,7 +261,7 @@ func (b *bencher) runS1(ctx context.Context) error {
 			StepsPerS: 3 * float64(n) / wall.Seconds(), Latency: percentiles(lat), StartPhase: secs(startPhase),
 			ExecutorPeakRSS: mem.PeakBytes, ExecutorConcurrency: concurrencyLabel(b.cfg.Concurrency),
 			// The probes of waitFinished are counted too; they are a handful.
-			XactsPerRun: float64(x1-x0) / float64(n)}
+			XactsPerRun: float64(x1-x0) / float64(n), Redispatched: redis}
 		if ref := b.rep.Reference; ref != nil && ref.EightClients > 0 {
 			r.RatioTo8Clients = r.WorkflowsPerS / ref.EightClients
 		}
@@ -335,6 +353,9 @@ type SleepLateness struct {
 	// TimerPart is workflow_runs.queued_at - wake_at: how late the timer queued the run.
 	TimerPart Percentiles `json:"timer_part"`
 	Early     int         `json:"woke_early"` // must be 0: a run that went on before its wake time
+	// Redispatched runs were queued again by the reconciler: their timer part above is
+	// then the re-dispatch, not the wake-up.
+	Redispatched int `json:"redispatched_runs"`
 }
 
 func (b *bencher) runS3(ctx context.Context) error {
@@ -360,6 +381,9 @@ func (b *bencher) runS3(ctx context.Context) error {
 			return err
 		}
 		r := &SleepLateness{Runs: n, Sleep: secs(b.cfg.SleepFor), Lateness: percentiles(late), TimerPart: percentiles(timer)}
+		if r.Redispatched, err = s.redispatched(ctx, benchwf.SleepName, 2); err != nil {
+			return err
+		}
 		for _, l := range late {
 			if l < 0 {
 				r.Early++
@@ -557,6 +581,7 @@ type SleepingScale struct {
 	FinishPerS      float64     `json:"finished_per_s"`
 	Lateness        Percentiles `json:"lateness"`
 	TimerPart       Percentiles `json:"timer_part"`
+	Redispatched    int         `json:"redispatched_runs"`
 	RatioTo8Clients float64     `json:"finish_rate_ratio_to_8_client_commit_rate,omitempty"`
 }
 
@@ -733,6 +758,9 @@ func (b *bencher) runS5(ctx context.Context) error {
 			return err
 		}
 		r.Lateness, r.TimerPart = percentiles(late), percentiles(timer)
+		if r.Redispatched, err = s.redispatched(ctx, benchwf.SleepName, 2); err != nil {
+			return err
+		}
 		if ref := b.rep.Reference; ref != nil && ref.EightClients > 0 {
 			r.RatioTo8Clients = r.FinishPerS / ref.EightClients
 		}
