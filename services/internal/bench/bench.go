@@ -50,6 +50,9 @@ type Config struct {
 	NATS bus.ConnOptions
 	// Binary is the kagzi binary whose services are run; default: this executable.
 	Binary string
+	// Namespace is where the runs are started (KAGZI_NAMESPACE of the services);
+	// default: the services' default.
+	Namespace string
 
 	Scenarios []string // default AllScenarios
 

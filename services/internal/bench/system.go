@@ -144,7 +144,11 @@ func (b *bencher) newSystem(ctx context.Context, scenario string) (s *system, er
 	if err != nil {
 		return s, err
 	}
-	s.client = sdk.NewClient(s.nc, sdk.WithRequestTimeout(30*time.Second))
+	opts := []sdk.ClientOption{sdk.WithRequestTimeout(30 * time.Second)}
+	if ns := b.cfg.Namespace; ns != "" {
+		opts = append(opts, sdk.WithNamespace(ns))
+	}
+	s.client = sdk.NewClient(s.nc, opts...)
 	return s, nil
 }
 
@@ -215,6 +219,9 @@ func (s *system) serviceEnv(extra ...string) []string {
 		// Migrated by the bench already; the services only check the version.
 		"KAGZI_AUTO_MIGRATE=false",
 	)
+	if ns := s.b.cfg.Namespace; ns != "" {
+		env = append(env, "KAGZI_NAMESPACE="+ns)
+	}
 	return append(env, extra...)
 }
 

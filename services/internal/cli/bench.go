@@ -39,6 +39,7 @@ func Bench(ctx context.Context, program string, args []string, env Env) int {
 		return configFailed(env, program, err)
 	}
 	cfg.DatabaseURL = dbURL
+	cfg.Namespace = client.Namespace
 	cfg.Concurrency = concurrency
 	for _, s := range strings.Split(scenarios, ",") {
 		if s = strings.ToLower(strings.TrimSpace(s)); s != "" {
