@@ -52,7 +52,7 @@ const (
 )
 
 func t06(t *testing.T, fault t06Fault) {
-	queued, sleepers := pick(300, 3000), pick(200, 2000)
+	queued, sleepers := 300, 200 // BATTERY.md gives T06 one size
 	sum := newSummary(t, fmt.Sprintf("%d QUEUED + %d woken sleepers (3 s) held in the stream, T=5 s, sweep ≤ 1 s", queued, sleepers))
 	s := newSystem(t)
 	sched := s.scheduler("scheduler")
