@@ -274,45 +274,87 @@ const (
 	startOtherInput
 )
 
+type startSpec struct {
+	mode        int // startNew, or a reused key with the same or another input
+	pick        int // which run's key a reused key is (modulo the runs known so far)
+	served      bool
+	maxAttempts int
+}
+
 func (m *model) doStart(t *rapid.T, mode int, pick int, served bool, maxAttempts int) {
-	if mode != startNew && len(m.runs) > 0 {
-		r := m.runs[pick%len(m.runs)]
-		input := r.input
-		if mode == startOtherInput {
-			input = append(slices.Clone(r.input), ' ')
+	m.doStarts(t, []startSpec{{mode: mode, pick: pick, served: served, maxAttempts: maxAttempts}}, false)
+}
+
+// doStarts starts runs with RunInsert, one call per spec, or with one RunsInsert call
+// (the scheduler's batched starts) when batch is set. A reused key may name a run made
+// earlier in the same batch.
+func (m *model) doStarts(t *rapid.T, specs []startSpec, batch bool) {
+	ps := make([]store.RunInsertParams, len(specs))
+	type outcome struct {
+		run      int  // the run the start names
+		created  bool // a new run
+		conflict bool // wire.ErrIdempotencyConflict
+	}
+	want := make([]outcome, len(specs))
+	for i, sp := range specs {
+		if sp.mode != startNew && len(m.runs) > 0 {
+			k := sp.pick % len(m.runs)
+			r := m.runs[k]
+			input := r.input
+			if sp.mode == startOtherInput {
+				input = append(slices.Clone(r.input), ' ')
+			}
+			ps[i] = store.RunInsertParams{ID: wire.NewRunID(), Namespace: modelNS, Workflow: r.workflow, Input: input,
+				IdempotencyKey: r.key, MaxAttempts: sp.maxAttempts}
+			want[i] = outcome{run: k, conflict: sp.mode == startOtherInput}
+			continue
 		}
-		res, err := m.s.RunInsert(m.ctx, store.RunInsertParams{ID: wire.NewRunID(), Namespace: modelNS,
-			Workflow: r.workflow, Input: input, IdempotencyKey: r.key, MaxAttempts: maxAttempts})
-		if mode == startOtherInput {
-			wantErr(t, "start with a reused key and another input", err, wire.ErrIdempotencyConflict)
+		n := m.nextRunN
+		m.nextRunN++
+		r := &mRun{id: wire.NewRunID(), workflow: modelServedWF, key: "key-" + strconv.Itoa(n),
+			input: []byte(`{"n":` + strconv.Itoa(n) + `}`), maxAttempts: sp.maxAttempts,
+			status: wire.StatusQueued, seq: 1, attempt: 1}
+		if !sp.served {
+			r.workflow = modelUnservedWF
+		}
+		ps[i] = store.RunInsertParams{ID: r.id, Namespace: modelNS, Workflow: r.workflow, Input: r.input,
+			IdempotencyKey: r.key, MaxAttempts: sp.maxAttempts}
+		m.byID[string(r.id)] = len(m.runs)
+		m.runs = append(m.runs, r)
+		m.expect[len(m.runs)-1] = append(m.expect[len(m.runs)-1], ">"+string(wire.StatusQueued))
+		want[i] = outcome{run: len(m.runs) - 1, created: true}
+	}
+	got := make([]store.InsertResult, len(specs))
+	if batch {
+		got = m.s.RunsInsert(m.ctx, ps)
+		if len(got) != len(specs) {
+			t.Fatalf("RunsInsert returned %d results for %d starts", len(got), len(specs))
+		}
+	} else {
+		for i, p := range ps {
+			got[i].RunInsertResult, got[i].Err = m.s.RunInsert(m.ctx, p)
+		}
+	}
+	for i, w := range want {
+		r := m.runs[w.run]
+		what := fmt.Sprintf("start %d of %d (batch=%v) with the key of %s", i+1, len(specs), batch, m.runDesc(w.run))
+		switch {
+		case w.conflict:
+			wantErr(t, what+" and another input", got[i].Err, wire.ErrIdempotencyConflict)
 			m.count("start-conflict")
-			return
+			continue
+		case w.created:
+			m.count("start")
+		default:
+			m.count("start-existing")
 		}
-		wantErr(t, "start with a reused key", err, nil)
-		if !res.Existing || res.RunID != r.id || res.Status != r.status || res.DispatchSeq != r.seq {
-			t.Fatalf("start with a reused key = %+v, want existing %s status %s seq %d", res, r.id, r.status, r.seq)
+		wantErr(t, what, got[i].Err, nil)
+		res := got[i].RunInsertResult
+		if res.Existing == w.created || res.RunID != r.id || res.Status != r.status || res.DispatchSeq != r.seq ||
+			res.Namespace != modelNS || res.Workflow != r.workflow {
+			t.Fatalf("%s = %+v, want existing=%v", what, res, !w.created)
 		}
-		m.count("start-existing")
-		return
 	}
-	n := m.nextRunN
-	m.nextRunN++
-	r := &mRun{id: wire.NewRunID(), workflow: modelServedWF, key: "key-" + strconv.Itoa(n),
-		input: []byte(`{"n":` + strconv.Itoa(n) + `}`), maxAttempts: maxAttempts,
-		status: wire.StatusQueued, seq: 1, attempt: 1}
-	if !served {
-		r.workflow = modelUnservedWF
-	}
-	res, err := m.s.RunInsert(m.ctx, store.RunInsertParams{ID: r.id, Namespace: modelNS, Workflow: r.workflow,
-		Input: r.input, IdempotencyKey: r.key, MaxAttempts: maxAttempts})
-	wantErr(t, "start", err, nil)
-	if res.Existing || res.RunID != r.id || res.Status != wire.StatusQueued || res.DispatchSeq != 1 {
-		t.Fatalf("start = %+v, want new run %s QUEUED seq 1", res, r.id)
-	}
-	m.count("start")
-	m.byID[string(r.id)] = len(m.runs)
-	m.runs = append(m.runs, r)
-	m.expect[len(m.runs)-1] = append(m.expect[len(m.runs)-1], ">"+string(wire.StatusQueued))
 }
 
 type claimReq struct {
@@ -1143,6 +1185,21 @@ func (m *model) actions() map[string]func(*rapid.T) {
 			pick := rapid.IntRange(0, 100).Draw(t, "pick")
 			served := rapid.IntRange(0, 5).Draw(t, "served") > 0
 			m.doStart(t, mode, pick, served, rapid.IntRange(1, 3).Draw(t, "max-attempts"))
+		},
+		"start-batch": func(t *rapid.T) {
+			// The scheduler's batched starts: new keys, keys of existing runs and keys
+			// repeated within the batch.
+			n := rapid.IntRange(1, 4).Draw(t, "n")
+			specs := make([]startSpec, n)
+			for i := range specs {
+				specs[i] = startSpec{mode: startNew, served: true, maxAttempts: rapid.IntRange(1, 3).Draw(t, "max-attempts")}
+				if len(m.runs) > 0 || i > 0 {
+					specs[i].mode = rapid.SampledFrom([]int{startNew, startNew, startSameInput, startOtherInput}).Draw(t, "start-mode")
+				}
+				specs[i].pick = rapid.IntRange(0, 100).Draw(t, "pick")
+				specs[i].served = rapid.IntRange(0, 5).Draw(t, "served") > 0
+			}
+			m.doStarts(t, specs, true)
 		},
 		"claim": func(t *rapid.T) {
 			q := m.drawClaimReq(t)
