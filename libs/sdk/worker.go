@@ -484,12 +484,19 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 	}
 	rc.confirmLease(claimSent)
 	w.mu.Lock()
+	if old := w.held[run.ID]; old != nil {
+		old.loseLease() // its claim is superseded: stop it at its next SDK call
+	}
 	w.held[run.ID] = rc
 	w.mu.Unlock()
 	w.metrics.inFlight.Add(1)
 	defer func() {
 		w.mu.Lock()
-		delete(w.held, run.ID)
+		// A later claim of the same run (after this one's lease lapsed) may have replaced
+		// the entry: only this execution's own entry is removed.
+		if w.held[run.ID] == rc {
+			delete(w.held, run.ID)
+		}
 		w.mu.Unlock()
 		w.metrics.inFlight.Add(-1)
 	}()

@@ -37,25 +37,33 @@ UPDATE workflow_runs r SET
     started_at = coalesce(r.started_at, now()), updated_at = now()
 FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS t(id, seq, workflow)
 WHERE r.id = t.id AND r.dispatch_seq = t.seq AND r.workflow = t.workflow AND r.namespace = $6 AND r.status = 'QUEUED'
-RETURNING r.id::text, r.version, r.input, r.attempt, r.max_attempts, r.fence, now(), r.lease_expires_at`
+RETURNING r.id::text, r.dispatch_seq, r.version, r.input, r.attempt, r.max_attempts, r.fence, now(), r.lease_expires_at`
 
 const stepsLoadManySQL = `
 SELECT run_id::text, step_key, seq, kind, status, output, coalesce(error, ''), attempt, wake_at, created_at
 FROM step_runs WHERE run_id = ANY ($1::uuid[]) ORDER BY run_id, seq`
 
+type dispatchKey struct {
+	run wire.RunID
+	seq int64
+}
+
 // RunsClaim claims many dispatches at once for one executor. Results are in request
-// order; a request naming a run already claimed earlier in the same batch is a no-op.
+// order. A run's current dispatch is claimed whatever else the batch holds for the same
+// run (a stale doorbell beside it claims nothing); a repeat of the same dispatch in the
+// batch is a no-op.
 func (s *Store) RunsClaim(ctx context.Context, namespace, owner string, lease time.Duration, reqs []ClaimRequest) []ClaimResult {
 	out := make([]ClaimResult, len(reqs))
 	ids := make([]string, 0, len(reqs))
 	seqs := make([]int64, 0, len(reqs))
 	wfs := make([]string, 0, len(reqs))
-	first := make(map[wire.RunID]int, len(reqs))
+	first := make(map[dispatchKey]int, len(reqs))
 	for i, r := range reqs {
-		if _, dup := first[r.RunID]; dup {
+		k := dispatchKey{r.RunID, r.DispatchSeq}
+		if _, dup := first[k]; dup {
 			continue
 		}
-		first[r.RunID] = i
+		first[k] = i
 		ids, seqs, wfs = append(ids, r.RunID), append(seqs, r.DispatchSeq), append(wfs, r.Workflow)
 	}
 	fail := func(err error) []ClaimResult {
@@ -75,13 +83,15 @@ func (s *Store) RunsClaim(ctx context.Context, namespace, owner string, lease ti
 		return fail(err)
 	}
 	claimed := map[wire.RunID]*ClaimedRun{}
+	claimedSeq := map[wire.RunID]int64{}
 	for rows.Next() {
 		var run ClaimedRun
-		if err := rows.Scan(&run.ID, &run.Version, &run.Input, &run.Attempt, &run.MaxAttempts, &run.Fence, &run.DBNow, &run.LeaseExpiresAt); err != nil {
+		var seq int64
+		if err := rows.Scan(&run.ID, &seq, &run.Version, &run.Input, &run.Attempt, &run.MaxAttempts, &run.Fence, &run.DBNow, &run.LeaseExpiresAt); err != nil {
 			rows.Close()
 			return fail(err)
 		}
-		claimed[run.ID] = &run
+		claimed[run.ID], claimedSeq[run.ID] = &run, seq
 	}
 	if err := rows.Err(); err != nil {
 		return fail(err)
@@ -109,7 +119,7 @@ func (s *Store) RunsClaim(ctx context.Context, namespace, owner string, lease ti
 	}
 	for i, r := range reqs {
 		run := claimed[r.RunID]
-		if run == nil || first[r.RunID] != i {
+		if run == nil || claimedSeq[r.RunID] != r.DispatchSeq || first[dispatchKey{r.RunID, r.DispatchSeq}] != i {
 			continue
 		}
 		run.Namespace, run.Workflow = namespace, r.Workflow
@@ -133,7 +143,26 @@ RETURNING run_id::text, step_key`
 
 // StepsInsert records many step results (of different runs) in one statement. Each
 // result is nil, or wraps wire.ErrLeaseLost or ErrStepExists as StepInsert would.
+//
+// Answers are matched to requests by run, so a batch must not hold two writes of one run
+// (a zombie's and its successor's): every write after a run's first is made on its own.
 func (s *Store) StepsInsert(ctx context.Context, ps []StepInsertParams) []error {
+	if extra := laterOfSameRun(len(ps), func(i int) wire.RunID { return ps[i].RunID }); len(extra) > 0 {
+		out := make([]error, len(ps))
+		first := make([]StepInsertParams, 0, len(ps))
+		var at []int
+		for i, p := range ps {
+			if extra[i] {
+				out[i] = s.StepInsert(ctx, p)
+				continue
+			}
+			first, at = append(first, p), append(at, i)
+		}
+		for j, err := range s.StepsInsert(ctx, first) {
+			out[at[j]] = err
+		}
+		return out
+	}
 	out := make([]error, len(ps))
 	n := len(ps)
 	ids, fences, keys := make([]string, n), make([]int64, n), make([]string, n)
@@ -206,8 +235,24 @@ JOIN unnest($1::uuid[], $2::bigint[]) AS c(id, fence) ON r.id = c.id AND r.fence
 WHERE r.status = 'COMPLETED'`
 
 // RunsComplete completes many runs in one statement; each result is nil or wraps
-// wire.ErrLeaseLost.
+// wire.ErrLeaseLost. As in StepsInsert, a second request for one run is made on its own.
 func (s *Store) RunsComplete(ctx context.Context, reqs []CompleteRequest) []error {
+	if extra := laterOfSameRun(len(reqs), func(i int) wire.RunID { return reqs[i].RunID }); len(extra) > 0 {
+		out := make([]error, len(reqs))
+		first := make([]CompleteRequest, 0, len(reqs))
+		var at []int
+		for i, r := range reqs {
+			if extra[i] {
+				out[i] = s.RunsComplete(ctx, []CompleteRequest{r})[0]
+				continue
+			}
+			first, at = append(first, r), append(at, i)
+		}
+		for j, err := range s.RunsComplete(ctx, first) {
+			out[at[j]] = err
+		}
+		return out
+	}
 	out := make([]error, len(reqs))
 	ids, fences, outputs := make([]string, len(reqs)), make([]int64, len(reqs)), make([][]byte, len(reqs))
 	for i, r := range reqs {
@@ -242,6 +287,25 @@ func (s *Store) RunsComplete(ctx context.Context, reqs []CompleteRequest) []erro
 		out[i] = fmt.Errorf("complete %d runs: %w", len(reqs), err)
 	}
 	return out
+}
+
+// laterOfSameRun marks the requests whose run already appeared earlier in the batch; nil
+// when every run appears once (the common case).
+func laterOfSameRun(n int, run func(int) wire.RunID) map[int]bool {
+	seen := make(map[wire.RunID]struct{}, n)
+	var later map[int]bool
+	for i := range n {
+		id := run(i)
+		if _, dup := seen[id]; dup {
+			if later == nil {
+				later = map[int]bool{}
+			}
+			later[i] = true
+			continue
+		}
+		seen[id] = struct{}{}
+	}
+	return later
 }
 
 func collectIDs(rows pgx.Rows) (map[string]bool, error) {
