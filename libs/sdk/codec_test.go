@@ -72,7 +72,7 @@ func TestCodecKeepsPayloadsOpaqueAndFailsClosed(t *testing.T) {
 		}
 		return a + "|" + b, nil
 	})
-	e.worker(t, []sdk.Registration{wf}, func(c *sdk.WorkerConfig) { c.Codec = codec })
+	e.worker(t, []sdk.Registration{wf}, func(c *sdk.WorkerConfig) { c.Codec = codec; c.LocalSleepMax = -1 })
 	client := sdk.NewClient(e.nc, sdk.WithCodec(codec))
 
 	run, err := wf.Start(ctxT(t), client, secret)

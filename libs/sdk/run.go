@@ -42,6 +42,7 @@ type runContext struct {
 	cancel context.CancelFunc
 
 	replayOnly bool           // Replay: never run a body, never write
+	claimedAt  time.Time      // monotonic: when the claim was sent
 	seq        int            // next step position
 	seen       map[string]int // occurrences of each user key
 	stateBytes int
@@ -259,17 +260,60 @@ func (rc *runContext) sleep(userKey string, d time.Duration, until *time.Time) e
 		if rec.WakeAt == nil || !rec.WakeAt.After(rc.run.DBNow) {
 			return nil
 		}
-		rc.park(key, seq, 0, rec.WakeAt) // claimed before the wake time (a stray doorbell): sleep on
+		// Claimed before the wake time (a crash during a local sleep, or a stray doorbell).
+		if remaining := rec.WakeAt.Sub(rc.run.DBNow) - time.Since(rc.claimedAt); rc.local(remaining) {
+			rc.waitLocally(remaining)
+			return nil
+		}
+		rc.park(key, seq, 0, rec.WakeAt)
 	}
 	if rc.replayOnly {
 		panic(unwind{reason: unwindHistoryEnd})
 	}
 	rc.checkNewStep(key, seq)
-	if until == nil && d <= 0 {
-		until = &rc.run.DBNow // a zero sleep parks like any other and is due at once
+	remaining := d
+	if until != nil {
+		remaining = until.Sub(rc.run.DBNow) - time.Since(rc.claimedAt)
+	}
+	if rc.local(remaining) {
+		var wakeAt, dbNow time.Time
+		err := rc.w.retryWrite(rc, func(ctx context.Context) error {
+			var err error
+			wakeAt, dbNow, err = rc.w.store.StepSleepInsert(ctx, store.RunSleepParams{FencedParams: rc.fenced(),
+				StepKey: key, Seq: seq, Duration: max(d, 0), Until: until})
+			return err
+		})
+		if err != nil {
+			rc.stopOnWriteError(err)
+		}
+		rc.waitLocally(wakeAt.Sub(dbNow))
+		return nil
 	}
 	rc.park(key, seq, d, until)
 	return nil
+}
+
+// local says whether a sleep of d is waited out in process.
+func (rc *runContext) local(d time.Duration) bool {
+	return rc.w.cfg.LocalSleepMax > 0 && d <= rc.w.cfg.LocalSleepMax
+}
+
+// waitLocally waits d on this executor's monotonic clock, counted from after the
+// sleep's record committed, so the run goes on no earlier than its recorded wake time.
+// A run whose lease is lost meanwhile stops here.
+func (rc *runContext) waitLocally(d time.Duration) {
+	if d > 0 {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-rc.Done():
+			panic(unwind{reason: unwindLeaseLost, err: wire.ErrLeaseLost})
+		}
+	}
+	if !rc.leaseValid() {
+		panic(unwind{reason: unwindLeaseLost, err: wire.ErrLeaseLost})
+	}
 }
 
 // park records the sleep and the SLEEPING status in one fenced statement, then unwinds:

@@ -42,7 +42,13 @@ type WorkerConfig struct {
 	Codec Codec
 	// StepTimeout bounds every step body that sets no StepTimeout of its own; 0: none.
 	StepTimeout time.Duration
-	ID          string // default: hostname-pid-random
+	// LocalSleepMax: a sleep this short is recorded and then waited out in process, the
+	// run still held (its lease renewed, a slot taken), and goes on at once when it ends;
+	// a longer one parks the run and frees the executor until the timer wakes it. Either
+	// way the sleep is durable: after a crash the run resumes at its recorded wake time.
+	// Default min(5s, Lease/3); negative: every sleep parks.
+	LocalSleepMax time.Duration
+	ID            string // default: hostname-pid-random
 	// SkipSchemaCheck skips the start-up check that the database schema is at least as
 	// new as this SDK. Services that migrate at start-up check by migrating.
 	SkipSchemaCheck bool
@@ -66,6 +72,9 @@ func (c *WorkerConfig) setDefaults() error {
 	}
 	if c.Lease < 300*time.Millisecond {
 		return wire.Errorf(wire.ErrInvalidArgument, "lease %s is shorter than 300ms", c.Lease)
+	}
+	if c.LocalSleepMax == 0 {
+		c.LocalSleepMax = min(5*time.Second, c.Lease/3)
 	}
 	if c.ShutdownGrace <= 0 {
 		c.ShutdownGrace = 25 * time.Second
@@ -477,7 +486,7 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 	rc := &runContext{
 		Context: ctx, w: w, run: run, def: def, cancel: cancel,
 		log:  w.log.With("run_id", run.ID, "workflow", run.Workflow, "attempt", run.Attempt),
-		seen: map[string]int{}, stateBytes: len(run.Input),
+		seen: map[string]int{}, stateBytes: len(run.Input), claimedAt: claimSent,
 	}
 	for _, st := range run.Steps {
 		rc.stateBytes += len(st.Output)

@@ -39,7 +39,8 @@ func TestStepsAreMemoizedAcrossReplays(t *testing.T) {
 		}
 		return sum, nil
 	})
-	w := e.worker(t, []sdk.Registration{wf})
+	// Sleeps park the run (no local waiting), so every sleep is a release and a replay.
+	w := e.worker(t, []sdk.Registration{wf}, func(c *sdk.WorkerConfig) { c.LocalSleepMax = -1 })
 	run, err := wf.Start(ctxT(t), e.client(), 10)
 	if err != nil {
 		t.Fatal(err)
@@ -72,8 +73,19 @@ func TestStepsAreMemoizedAcrossReplays(t *testing.T) {
 	}
 }
 
+// Both ways of sleeping: parked (released, woken by the timer, replayed) and local
+// (recorded, waited out in process).
 func TestSleepWakesNoEarlierThanAsked(t *testing.T) {
 	t.Parallel()
+	for name, localMax := range map[string]time.Duration{"parked": -1, "local": time.Second} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			testSleep(t, localMax)
+		})
+	}
+}
+
+func testSleep(t *testing.T, localMax time.Duration) {
 	e := newEnv(t)
 	wf := sdk.Workflow("napper", func(ctx sdk.Context, _ struct{}) (string, error) {
 		if err := ctx.Sleep("nap", 300*time.Millisecond); err != nil {
@@ -81,7 +93,7 @@ func TestSleepWakesNoEarlierThanAsked(t *testing.T) {
 		}
 		return "rested", nil
 	})
-	e.worker(t, []sdk.Registration{wf})
+	w := e.worker(t, []sdk.Registration{wf}, func(c *sdk.WorkerConfig) { c.LocalSleepMax = localMax })
 	run, err := wf.Start(ctxT(t), e.client(), struct{}{})
 	if err != nil {
 		t.Fatal(err)
@@ -93,6 +105,9 @@ func TestSleepWakesNoEarlierThanAsked(t *testing.T) {
 	err = e.pool.QueryRow(ctxT(t), `SELECT r.finished_at < s.wake_at FROM workflow_runs r JOIN step_runs s ON s.run_id = r.id WHERE r.id = $1`, run.ID).Scan(&early)
 	if err != nil || early {
 		t.Fatalf("finished before the wake time: %v, %v", early, err)
+	}
+	if claims, want := w.Stats().Claimed, map[bool]int64{true: 1, false: 2}[localMax > 0]; claims != want {
+		t.Fatalf("%d claims, want %d", claims, want)
 	}
 }
 
@@ -279,7 +294,7 @@ func TestReorderedStepsAreNonDeterminism(t *testing.T) {
 		}
 		return sdk.Step(ctx, second, func(context.Context) (int, error) { bodies.Add(1); return 2, nil })
 	})
-	e.worker(t, []sdk.Registration{wf})
+	e.worker(t, []sdk.Registration{wf}, func(c *sdk.WorkerConfig) { c.LocalSleepMax = -1 })
 	run, err := wf.Start(ctxT(t), e.client(), struct{}{})
 	if err != nil {
 		t.Fatal(err)

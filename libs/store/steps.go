@@ -100,3 +100,40 @@ func (s *Store) StepInsert(ctx context.Context, p StepInsertParams) error {
 
 // ErrStepExists means a step key was recorded twice for one run.
 var ErrStepExists = errors.New("step already recorded")
+
+// A sleep the executor waits out in process: the step row records the wake time (from the
+// database clock) under the fence, and the run stays RUNNING, held by its lease.
+const stepSleepInsertSQL = `
+INSERT INTO step_runs (run_id, step_key, seq, kind, status, wake_at)
+SELECT r.id, $3, $4, 'sleep', 'COMPLETED', coalesce($5::timestamptz, now() + $6::bigint * interval '1 microsecond')
+FROM (SELECT id FROM workflow_runs WHERE id = $1 AND fence = $2 AND status = 'RUNNING' FOR SHARE) r
+ON CONFLICT (run_id, step_key) DO NOTHING
+RETURNING wake_at, now()`
+
+// Primary-key lookups of both tables.
+const stepSleepOwnSQL = `
+SELECT s.wake_at, now() FROM step_runs s JOIN workflow_runs r ON r.id = s.run_id
+WHERE s.run_id = $1 AND s.step_key = $3 AND s.kind = 'sleep' AND r.fence = $2 AND r.status = 'RUNNING'`
+
+// StepSleepInsert records a sleep without parking the run and returns its wake time and
+// the database's now. wire.ErrLeaseLost when the fence is stale (or the row exists: a
+// retry after an ambiguous commit reads it back with StepsLoad).
+func (s *Store) StepSleepInsert(ctx context.Context, p RunSleepParams) (wakeAt, dbNow time.Time, err error) {
+	var until any
+	if p.Until != nil {
+		until = *p.Until
+	}
+	err = s.db.QueryRow(ctx, stepSleepInsertSQL, p.RunID, p.Fence, p.StepKey, p.Seq, until, micros(p.Duration)).Scan(&wakeAt, &dbNow)
+	if errors.Is(err, pgx.ErrNoRows) {
+		// Either the fence is stale, or this is a retry after an ambiguous commit and the
+		// row is our own: read it back under the same fence condition.
+		err = s.db.QueryRow(ctx, stepSleepOwnSQL, p.RunID, p.Fence, p.StepKey).Scan(&wakeAt, &dbNow)
+	}
+	if errors.Is(err, pgx.ErrNoRows) {
+		return wakeAt, dbNow, fmt.Errorf("record sleep %q of run %s (fence %d): %w", p.StepKey, p.RunID, p.Fence, wire.ErrLeaseLost)
+	}
+	if err != nil {
+		return wakeAt, dbNow, fmt.Errorf("record sleep %q of run %s: %w", p.StepKey, p.RunID, err)
+	}
+	return wakeAt, dbNow, nil
+}
