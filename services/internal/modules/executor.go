@@ -46,6 +46,7 @@ func newWorker(cfg platform.ExecutorConfig, pool *pgxpool.Pool, nc *nats.Conn, l
 		Concurrency:   cfg.Concurrency,
 		Lease:         cfg.Lease,
 		ShutdownGrace: cfg.ShutdownGrace,
+		LocalSleepMax: cfg.LocalSleepMax,
 		Logger:        platform.NewSlog(log.Named("executor")),
 		// PlatformModule has already migrated the schema or checked its version.
 		SkipSchemaCheck: true,

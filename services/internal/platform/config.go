@@ -118,6 +118,7 @@ type ExecutorConfig struct {
 	Concurrency   int           // runs executed at once
 	Lease         time.Duration // how long a claim lasts without renewal
 	ShutdownGrace time.Duration // how long running steps may finish on shutdown
+	LocalSleepMax time.Duration // sleeps this short are waited out in process; 0: the SDK's default, <0: none
 }
 
 // DevConfig configures `kagzi dev`: every service in one process.
@@ -129,6 +130,7 @@ type DevConfig struct {
 	Concurrency   int
 	Lease         time.Duration
 	ShutdownGrace time.Duration
+	LocalSleepMax time.Duration
 	StaleAfter    time.Duration
 	MaxIdle       time.Duration
 }
@@ -143,7 +145,8 @@ func (d DevConfig) Timer() TimerConfig {
 
 // Executor is the executor's share of a dev configuration.
 func (d DevConfig) Executor() ExecutorConfig {
-	return ExecutorConfig{Config: d.Config, Concurrency: d.Concurrency, Lease: d.Lease, ShutdownGrace: d.ShutdownGrace}
+	return ExecutorConfig{Config: d.Config, Concurrency: d.Concurrency, Lease: d.Lease, ShutdownGrace: d.ShutdownGrace,
+		LocalSleepMax: d.LocalSleepMax}
 }
 
 // MigrateConfig configures `kagzi migrate`.
@@ -192,7 +195,7 @@ func LoadExecutor(src Source) (ExecutorConfig, error) { return loadExecutor(newB
 func loadExecutor(b *binder) (ExecutorConfig, error) {
 	var cfg ExecutorConfig
 	b.common(&cfg.Config, "executor", DefaultExecutorHTTPAddr, "json")
-	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace)
+	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace, &cfg.LocalSleepMax)
 	if err := b.finish(); err != nil {
 		return ExecutorConfig{}, err
 	}
@@ -206,7 +209,7 @@ func LoadDev(src Source) (DevConfig, error) { return loadDev(newBinder(src)) }
 func loadDev(b *binder) (DevConfig, error) {
 	var cfg DevConfig
 	b.common(&cfg.Config, "dev", DefaultDevHTTPAddr, "console")
-	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace)
+	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace, &cfg.LocalSleepMax)
 	b.timer(&cfg.StaleAfter, &cfg.MaxIdle)
 	b.str(&cfg.DataDir, "data", "KAGZI_DATA_DIR", ".kagzi", "directory for the embedded NATS server's JetStream data")
 	if err := b.finish(); err != nil {
@@ -554,8 +557,9 @@ func (b *binder) log(l *LogConfig, format string) {
 	})
 }
 
-func (b *binder) executor(concurrency *int, lease, grace *time.Duration) {
+func (b *binder) executor(concurrency *int, lease, grace, localSleep *time.Duration) {
 	b.integer(concurrency, "concurrency", "KAGZI_CONCURRENCY", 1000, "runs executed at once")
+	b.dur(localSleep, "local-sleep-max", "KAGZI_LOCAL_SLEEP_MAX", 0, "sleeps this short are waited out in process (0: min(5s, lease/3); negative: none)")
 	b.dur(lease, "lease", "KAGZI_LEASE", 30*time.Second, "how long a claimed run stays ours without renewal")
 	b.dur(grace, "shutdown-grace", "KAGZI_SHUTDOWN_GRACE", 25*time.Second, "how long running steps may finish on shutdown")
 	b.check(func() error {
