@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/kagzi/kagzi/libs/wire"
 )
@@ -103,30 +104,8 @@ func (r *Run[O]) Describe(ctx context.Context) (*RunInfo, error) { return r.clie
 // returns the run id once the run row is committed. A request that times out is retried
 // with the same request id until ctx ends, so at most one run is made.
 func (c *Client) StartByName(ctx context.Context, workflow string, input any, opts ...StartOption) (string, error) {
-	if err := wire.ValidateName("workflow", workflow); err != nil {
-		return "", err
-	}
-	data, err := json.Marshal(input)
+	req, err := c.startRequest(workflow, input, opts)
 	if err != nil {
-		return "", wire.Errorf(wire.ErrInvalidArgument, "encode input: %v", err)
-	}
-	if len(data) > c.limits.MaxInputBytes {
-		return "", wire.Errorf(wire.ErrPayloadTooLarge, "input is %d bytes, over the limit of %d", len(data), c.limits.MaxInputBytes)
-	}
-	// The request id is a UUIDv7 and becomes the run's id, so the input can be sealed
-	// to the run before it exists.
-	req := wire.StartRequest{Namespace: c.namespace, RequestID: wire.NewRunID()}
-	for _, o := range opts {
-		o(&req)
-	}
-	if req.IdempotencyKey != "" {
-		// Before encoding: encoding/json would turn bytes that are not UTF-8 into U+FFFD,
-		// and the run would be keyed by something other than what the caller passed.
-		if err := wire.ValidateKey("idempotency key", req.IdempotencyKey); err != nil {
-			return "", err
-		}
-	}
-	if req.Input, err = c.pl.seal(data, adInput(req.RequestID)); err != nil {
 		return "", err
 	}
 	body, err := json.Marshal(req)
@@ -141,6 +120,73 @@ func (c *Client) StartByName(ctx context.Context, workflow string, input any, op
 		return "", fmt.Errorf("start %s: %w", workflow, reply.Error)
 	}
 	return reply.RunID, nil
+}
+
+// startRequest validates a start and builds its request, sealing the input when the
+// client has a codec.
+func (c *Client) startRequest(workflow string, input any, opts []StartOption) (wire.StartRequest, error) {
+	if err := wire.ValidateName("workflow", workflow); err != nil {
+		return wire.StartRequest{}, err
+	}
+	data, err := json.Marshal(input)
+	if err != nil {
+		return wire.StartRequest{}, wire.Errorf(wire.ErrInvalidArgument, "encode input: %v", err)
+	}
+	if len(data) > c.limits.MaxInputBytes {
+		return wire.StartRequest{}, wire.Errorf(wire.ErrPayloadTooLarge, "input is %d bytes, over the limit of %d", len(data), c.limits.MaxInputBytes)
+	}
+	// The request id is a UUIDv7 and becomes the run's id, so the input can be sealed
+	// to the run before it exists.
+	req := wire.StartRequest{Namespace: c.namespace, RequestID: wire.NewRunID()}
+	for _, o := range opts {
+		o(&req)
+	}
+	if req.IdempotencyKey != "" {
+		// Before encoding: encoding/json would turn bytes that are not UTF-8 into U+FFFD,
+		// and the run would be keyed by something other than what the caller passed.
+		if err := wire.ValidateKey("idempotency key", req.IdempotencyKey); err != nil {
+			return wire.StartRequest{}, err
+		}
+	}
+	if req.Input, err = c.pl.seal(data, adInput(req.RequestID)); err != nil {
+		return wire.StartRequest{}, err
+	}
+	return req, nil
+}
+
+// Submit starts a run without waiting for a scheduler: the start is published to the
+// submit stream, which holds it until a scheduler has committed it (so it works while no
+// scheduler is up), and Submit returns once JetStream has stored it. The returned id is
+// the id the new run gets. With an idempotency key that an earlier start already used,
+// no run is made and that id names nothing: use Start to learn the existing run's id.
+func (d *WorkflowDef[I, O]) Submit(ctx context.Context, c *Client, in I, opts ...StartOption) (*Run[O], error) {
+	id, err := c.SubmitByName(ctx, d.name, in, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return &Run[O]{ID: id, client: c}, nil
+}
+
+// SubmitByName is Submit for a workflow known by name.
+func (c *Client) SubmitByName(ctx context.Context, workflow string, input any, opts ...StartOption) (string, error) {
+	req, err := c.startRequest(workflow, input, opts)
+	if err != nil {
+		return "", err
+	}
+	body, err := json.Marshal(req)
+	if err != nil {
+		return "", fmt.Errorf("encode start request: %w", err)
+	}
+	js, err := jetstream.New(c.nc)
+	if err != nil {
+		return "", fmt.Errorf("submit %s: %w", workflow, err)
+	}
+	// The request id doubles as the JetStream de-duplication id, so a retried publish
+	// is stored once.
+	if _, err := js.Publish(ctx, wire.SubmitSubject(workflow), body, jetstream.WithMsgID(req.RequestID)); err != nil {
+		return "", fmt.Errorf("submit %s: %w: %v", workflow, wire.ErrUnavailable, err)
+	}
+	return req.RequestID, nil
 }
 
 // Describe reads a run and its steps. ErrRunNotFound when the namespace has no such run.

@@ -265,3 +265,28 @@ func TestLostDispatchIsRelayedByTheTimer(t *testing.T) {
 		t.Errorf("%d runs were re-dispatched once, want %d", got, n)
 	}
 }
+
+// A start submitted through JetStream while no scheduler runs is held by the submit
+// stream and committed once a scheduler starts.
+func TestSubmitWhileNoSchedulerIsUp(t *testing.T) {
+	t.Parallel()
+	s := newSystem(t)
+	s.timer()
+	s.executor("exec-a")
+	// The streams exist once the executor has started.
+	s.waitUntil("the executor announced itself", 20*time.Second, 1, `SELECT count(*) FROM workers`)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	id, err := s.client.SubmitByName(ctx, "e2e-steps", map[string]any{"steps": 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := s.count(`SELECT count(*) FROM workflow_runs`); n != 0 {
+		t.Fatalf("%d runs before any scheduler ran", n)
+	}
+	s.scheduler()
+	info, err := s.client.Wait(ctx, id)
+	if err != nil || info.Status != wire.StatusCompleted {
+		t.Fatalf("submitted run: %+v, %v", info, err)
+	}
+}
