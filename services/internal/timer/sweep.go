@@ -32,8 +32,17 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 	t.m.Sweeps.Inc()
 	var res sweepResult
 	params := store.SweepParams{Limit: t.cfg.BatchSize}
+	// Only the kinds of work the look found due are swept: a wake-up does not pay for the
+	// lease and reconcile queries (Tick, with no look, sweeps everything).
+	due := func(at func(store.NextDue) *time.Time) bool {
+		if lk == nil {
+			return true
+		}
+		when := at(lk.n)
+		return when != nil && !when.After(lk.n.DBNow.Add(time.Since(lk.ref)))
+	}
 
-	for {
+	for due(func(n store.NextDue) *time.Time { return n.Wake }) {
 		ds, err := t.st.RunsWakeDue(ctx, params)
 		if err != nil {
 			return res, err
@@ -54,7 +63,7 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 		}
 	}
 
-	for {
+	for due(func(n store.NextDue) *time.Time { return n.LeaseExpiry }) {
 		es, err := t.st.RunsExpireLeases(ctx, params)
 		if err != nil {
 			return res, err
@@ -80,7 +89,7 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 		}
 	}
 
-	for {
+	for due(func(n store.NextDue) *time.Time { return n.Stale }) {
 		ds, err := t.st.RunsRedispatchStale(ctx, store.RedispatchParams{
 			SweepParams: params, StaleAfter: t.cfg.StaleAfter, LiveWithin: t.cfg.LiveWithin,
 		})
