@@ -5,8 +5,14 @@
 // forgets its store) and count what the oracle tables recorded.
 //
 // The gate tier (plain `go test`) runs each test at a size that keeps the package near
-// two and a half minutes on two cores; `-kagzi.chaos` (or the `chaos` build tag) runs the
-// bracketed sizes, and `-kagzi.summary=FILE` writes the summary table `make chaos`
-// prints. The tests are timing-sensitive and run one at a time: run the package with
-// -p 1 and never mark a battery test parallel.
+// two minutes on two cores. Flags, after -args:
+//
+//	-kagzi.chaos          the bracketed (chaos) sizes; so does building with -tags chaos
+//	-kagzi.summary=FILE   also write the summary table `make chaos` prints
+//	-kagzi.stacks         on failure, add the goroutine stacks of every live service
+//
+// A failing test always prints the oracle dump (offending runs with their steps, step-body
+// executions and transitions), the broker's stream and consumer state, each executor's
+// stats and the tail of every process log. The tests are timing-sensitive and run one at
+// a time: run the package with -p 1 and never mark a battery test parallel.
 package battery

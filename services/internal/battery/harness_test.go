@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"text/tabwriter"
 	"time"
@@ -34,6 +35,7 @@ import (
 var (
 	chaos       = flag.Bool("kagzi.chaos", chaosByTag, "run BATTERY.md's bracketed (chaos) sizes instead of the gate sizes")
 	summaryFile = flag.String("kagzi.summary", "", "also write the summary table to this file")
+	stacks      = flag.Bool("kagzi.stacks", false, "when a test fails, SIGQUIT its live service processes and print their goroutine stacks")
 
 	bins map[string]string
 )
@@ -194,10 +196,6 @@ func newSystem(t *testing.T) *system {
 	}
 	t.Cleanup(pool.Close)
 	s.pool = pool
-	s.oracle = testkit.NewOracle(t, pool)
-	if _, err := pool.Exec(ctx, batteryDDL); err != nil {
-		t.Fatalf("create battery tables: %v", err)
-	}
 	nc, err := bus.Connect(bus.ConnOptions{URL: s.nats.URL(), Name: "battery-test"})
 	if err != nil {
 		t.Fatal(err)
@@ -208,6 +206,11 @@ func newSystem(t *testing.T) *system {
 		t.Fatal(err)
 	}
 	s.nc, s.js = nc, js
+	// After the pool and the connection: its dump on failure runs before they close.
+	s.oracle = testkit.NewOracle(t, pool)
+	if _, err := pool.Exec(ctx, batteryDDL); err != nil {
+		t.Fatalf("create battery tables: %v", err)
+	}
 	s.client = sdk.NewClient(nc, sdk.WithRequestTimeout(2*time.Second))
 	s.oracle.OnDump(s.dumpBroker)
 	s.oracle.OnDump(s.dumpWorkerStats)
@@ -224,6 +227,12 @@ func (s *system) baseEnv() []string {
 func (s *system) service(name, bin string, env ...string) *testkit.Process {
 	s.t.Helper()
 	p := testkit.StartProcess(s.t, name, bins[bin], append(s.baseEnv(), env...)...)
+	// Registered after StartProcess's own cleanup, so it runs first, while p still lives.
+	s.t.Cleanup(func() {
+		if s.t.Failed() && *stacks {
+			dumpStacks(s.t, p)
+		}
+	})
 	s.mu.Lock()
 	s.procs = append(s.procs, p)
 	s.mu.Unlock()
@@ -240,6 +249,22 @@ func (s *system) timer(name string, env ...string) *testkit.Process {
 
 func (s *system) executor(name string, env ...string) *testkit.Process {
 	return s.service(name, "chaosexec", append([]string{"KAGZI_EXECUTOR_NAME=" + name}, env...)...)
+}
+
+// dumpStacks makes a live Go process print every goroutine (SIGQUIT) and logs that part
+// of its output: where a stuck service is stuck.
+func dumpStacks(t *testing.T, p *testkit.Process) {
+	if p.Exited() {
+		return
+	}
+	before := len(p.Log())
+	p.Signal(syscall.SIGQUIT)
+	if !waitExit(p, 5*time.Second) {
+		t.Logf("%s did not exit on SIGQUIT", p.Name)
+	}
+	if out := p.Log(); len(out) > before {
+		t.Logf("---- goroutines of %s ----\n%s", p.Name, out[before:])
+	}
 }
 
 // fault records that the test is about to do something to p, so that step bodies p
