@@ -105,7 +105,8 @@ func TestBenchTinyLoad(t *testing.T) {
 		t.Errorf("S2: %+v", r)
 	}
 	// A sleeper that went on before its wake time would break a guarantee, not a target.
-	if r := rep.S3; r == nil || r.Lateness.Count != 10 || r.Early != 0 {
+	if r := rep.S3; r == nil || r.Defaults.Lateness.Count != 10 || r.Defaults.Early != 0 ||
+		r.Parked.Lateness.Count != 10 || r.Parked.Early != 0 {
 		t.Errorf("S3: %+v", r)
 	}
 	if rep.S4 != nil || rep.S5 != nil || rep.S6 != nil {

@@ -45,16 +45,24 @@ func writeTable(w io.Writer, rep *Report) {
 			ratio:   ratio(r.P50InCommits, "× one 1-client commit (p50)")})
 	}
 	if r := rep.S3; r != nil {
-		early := ""
-		if r.Early > 0 {
-			early = fmt.Sprintf("; %d WOKE EARLY", r.Early)
+		path := func(p SleepPath, timer bool) string {
+			out := fmt.Sprintf("p50 %.1f p99 %.1f max %.1f ms", p.Lateness.P50, p.Lateness.P99, p.Lateness.Max)
+			if timer {
+				out += fmt.Sprintf(" (timer's part p50 %.1f p99 %.1f ms)", p.TimerPart.P50, p.TimerPart.P99)
+			}
+			if p.Early > 0 {
+				out += fmt.Sprintf(", %d WOKE EARLY", p.Early)
+			}
+			return out + redispatched(p.Redispatched)
+		}
+		met := func(p SleepPath) bool {
+			return p.Lateness.P50 <= 5 && p.Lateness.P99 <= 20 && p.Lateness.Max <= 100 && p.Early == 0
 		}
 		rows = append(rows, row{name: "S3 durable sleep",
-			result: fmt.Sprintf("%d runs sleeping %s: lateness p50 %.1f p99 %.1f max %.1f ms (timer's part: p50 %.1f p99 %.1f max %.1f ms)%s%s",
-				r.Runs, r.Sleep, r.Lateness.P50, r.Lateness.P99, r.Lateness.Max, r.TimerPart.P50, r.TimerPart.P99, r.TimerPart.Max, early,
-				redispatched(r.Redispatched)),
-			target:  "p50 ≤ 5, p99 ≤ 20, max ≤ 100 ms",
-			verdict: verdict(r.Lateness.P50 <= 5, r.Lateness.P99 <= 20, r.Lateness.Max <= 100, r.Early == 0),
+			result: fmt.Sprintf("%d runs sleeping %s, lateness with the executor's defaults: %s; with every sleep parked for the timer: %s",
+				r.Runs, r.Sleep, path(r.Defaults, false), path(r.Parked, true)),
+			target:  "p50 ≤ 5, p99 ≤ 20, max ≤ 100 ms (both)",
+			verdict: verdict(met(r.Defaults), met(r.Parked)),
 			ratio:   "-"})
 	}
 	if r := rep.S4; r != nil {
