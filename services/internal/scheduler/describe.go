@@ -3,6 +3,7 @@ package scheduler
 import (
 	"context"
 	"errors"
+	"github.com/kagzi/kagzi/services/internal/telemetry"
 
 	"github.com/nats-io/nats.go"
 	"go.uber.org/zap"
@@ -33,7 +34,7 @@ func (s *Scheduler) handleDescribe(ctx context.Context, msg *nats.Msg) {
 		s.reply(msg, wire.DescribeReply{Error: wire.ToError(err)})
 	case err != nil:
 		s.m.Describes.WithLabelValues(resultError).Inc()
-		s.log.Error("describe run", runIDField(req.RunID), namespaceField(req.Namespace), zap.Error(err))
+		s.log.Error("describe run", telemetry.RunID(req.RunID), telemetry.Namespace(req.Namespace), zap.Error(err))
 		s.reply(msg, wire.DescribeReply{Error: wire.ToError(
 			wire.Errorf(wire.ErrUnavailable, "run %s could not be read; retry", req.RunID))})
 	default:

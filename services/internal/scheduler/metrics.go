@@ -1,7 +1,7 @@
 package scheduler
 
 import (
-	"errors"
+	"github.com/kagzi/kagzi/services/internal/telemetry"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -32,48 +32,30 @@ type Metrics struct {
 // a process running several components on one registry (kagzi dev) does not panic.
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	return &Metrics{
-		Starts: register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+		Starts: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kagzi_starts_total",
 			Help: "Start requests handled by the scheduler, by result.",
 		}, []string{"result"})),
-		Poison: register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+		Poison: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kagzi_poison_message_total",
 			Help: "Messages that could never be processed and were terminated, by source.",
 		}, []string{"source"})),
-		StartSeconds: register(reg, prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		StartSeconds: telemetry.Register(reg, prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "kagzi_start_duration_seconds",
 			Help:    "Time from receiving a start to answering it (reply or ack), by source.",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
 		}, []string{"source"})),
-		Describes: register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+		Describes: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kagzi_describe_total",
 			Help: "Describe requests handled by the scheduler, by result.",
 		}, []string{"result"})),
-		EnsureFailures: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		EnsureFailures: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kagzi_scheduler_ensure_failures_total",
 			Help: "Failed attempts by the scheduler to (re)create JetStream streams or its consumer.",
 		})),
-		PublishFailures: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		PublishFailures: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kagzi_scheduler_publish_failures_total",
 			Help: "Task doorbells the scheduler could not publish after committing a start.",
 		})),
 	}
-}
-
-// register adds c to reg, or returns the identical collector already registered. A
-// clashing definition leaves c unregistered instead of panicking: a metric missing from
-// a scrape is better than a service that does not start.
-func register[C prometheus.Collector](reg prometheus.Registerer, c C) C {
-	if reg == nil {
-		return c
-	}
-	if err := reg.Register(c); err != nil {
-		var are prometheus.AlreadyRegisteredError
-		if errors.As(err, &are) {
-			if existing, ok := are.ExistingCollector.(C); ok {
-				return existing
-			}
-		}
-	}
-	return c
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"github.com/kagzi/kagzi/services/internal/telemetry"
 	"io"
 	"strconv"
 	"strings"
@@ -154,7 +155,7 @@ func (s *Scheduler) insert(ctx context.Context, p store.RunInsertParams) (store.
 	if err == nil || errors.Is(err, wire.ErrIdempotencyConflict) {
 		return res, err
 	}
-	s.log.Error("insert run", runIDField(p.ID), workflowField(p.Workflow), namespaceField(p.Namespace), zap.Error(err))
+	s.log.Error("insert run", telemetry.RunID(p.ID), telemetry.Workflow(p.Workflow), telemetry.Namespace(p.Namespace), zap.Error(err))
 	return res, wire.Errorf(wire.ErrUnavailable, "the start could not be recorded; retry it with the same idempotency key or request id")
 }
 
@@ -172,7 +173,7 @@ func (s *Scheduler) announce(ctx context.Context, res store.RunInsertResult) {
 	if err != nil {
 		s.m.PublishFailures.Inc()
 		s.log.Warn("publish task doorbell; the reconciler will relay it",
-			runIDField(res.RunID), workflowField(res.Workflow), namespaceField(res.Namespace), zap.Error(err))
+			telemetry.RunID(res.RunID), telemetry.Workflow(res.Workflow), telemetry.Namespace(res.Namespace), zap.Error(err))
 	}
 }
 
@@ -183,7 +184,7 @@ func (s *Scheduler) handleStart(ctx context.Context, msg *nats.Msg) {
 	p, req, err := s.parseStart(workflow, msg.Data)
 	if err != nil {
 		s.m.Starts.WithLabelValues(resultOf(err)).Inc()
-		s.log.Debug("start rejected", workflowField(workflow), zap.Error(err))
+		s.log.Debug("start rejected", telemetry.Workflow(workflow), zap.Error(err))
 		s.reply(msg, wire.StartReply{Error: wire.ToError(err)})
 		return
 	}
@@ -209,7 +210,7 @@ func (s *Scheduler) handleStart(ctx context.Context, msg *nats.Msg) {
 		s.m.Starts.WithLabelValues(resultExisting).Inc()
 	} else {
 		s.m.Starts.WithLabelValues(resultCreated).Inc()
-		s.log.Debug("run started", runIDField(res.RunID), workflowField(res.Workflow), namespaceField(res.Namespace))
+		s.log.Debug("run started", telemetry.RunID(res.RunID), telemetry.Workflow(res.Workflow), telemetry.Namespace(res.Namespace))
 	}
 	s.announce(ctx, res)
 }
@@ -331,7 +332,7 @@ func (s *Scheduler) handleSubmit(ctx context.Context, msg jetstream.Msg) {
 		// Not poison, but it can never succeed either; nobody waits for an answer.
 		s.m.Starts.WithLabelValues(resultConflict).Inc()
 		s.log.Warn("submitted start conflicts with an existing run; dropped",
-			workflowField(p.Workflow), namespaceField(p.Namespace), zap.Error(err))
+			telemetry.Workflow(p.Workflow), telemetry.Namespace(p.Namespace), zap.Error(err))
 		if err := msg.Term(); err != nil {
 			s.log.Warn("terminate submit message", zap.Error(err))
 		}
@@ -346,14 +347,14 @@ func (s *Scheduler) handleSubmit(ctx context.Context, msg jetstream.Msg) {
 	s.announce(ctx, res)
 	if err := msg.Ack(); err != nil {
 		// Redelivery finds the run by its key and acks again.
-		s.log.Warn("ack submit message", runIDField(res.RunID), zap.Error(err))
+		s.log.Warn("ack submit message", telemetry.RunID(res.RunID), zap.Error(err))
 	}
 	s.m.StartSeconds.WithLabelValues("submit").Observe(time.Since(began).Seconds())
 	if res.Existing {
 		s.m.Starts.WithLabelValues(resultExisting).Inc()
 	} else {
 		s.m.Starts.WithLabelValues(resultCreated).Inc()
-		s.log.Debug("run started from submit stream", runIDField(res.RunID), workflowField(res.Workflow), namespaceField(res.Namespace))
+		s.log.Debug("run started from submit stream", telemetry.RunID(res.RunID), telemetry.Workflow(res.Workflow), telemetry.Namespace(res.Namespace))
 	}
 }
 
@@ -384,7 +385,7 @@ func (s *Scheduler) terminate(msg jetstream.Msg, workflow string, cause error) {
 	s.m.Starts.WithLabelValues(resultOf(cause)).Inc()
 	s.m.Poison.WithLabelValues("submit").Inc()
 	s.log.Warn("poison submit message terminated",
-		zap.String("subject", msg.Subject()), workflowField(workflow), zap.Error(cause))
+		zap.String("subject", msg.Subject()), telemetry.Workflow(workflow), zap.Error(cause))
 	if err := msg.TermWithReason(cause.Error()); err != nil {
 		s.log.Warn("terminate submit message", zap.Error(err))
 	}

@@ -1,7 +1,7 @@
 package timer
 
 import (
-	"errors"
+	"github.com/kagzi/kagzi/services/internal/telemetry"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -34,59 +34,42 @@ type Metrics struct {
 // registered). Registering twice on one registry reuses the collectors already there.
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	return &Metrics{
-		Redispatched: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		Redispatched: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kagzi_reconcile_redispatch_total",
 			Help: "Runs re-dispatched by the reconciler because their dispatch went unclaimed.",
 		})),
-		LeasesExpired: register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+		LeasesExpired: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kagzi_lease_expired_total",
 			Help: "Runs whose executor lease expired, by outcome (requeued, failed).",
 		}, []string{"outcome"})),
-		Woken: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		Woken: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kagzi_runs_woken_total",
 			Help: "Sleeping runs and retries moved to QUEUED at their wake time.",
 		})),
-		Sweeps: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		Sweeps: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kagzi_timer_sweeps_total",
 			Help: "Timer sweep rounds (wake, lease expiry and reconcile).",
 		})),
-		Polls: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		Polls: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kagzi_timer_polls_total",
 			Help: "Queries for the next due time; an idle timer makes one per max idle period.",
 		})),
-		Errors: register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+		Errors: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kagzi_timer_errors_total",
 			Help: "Failed timer database calls, by operation.",
 		}, []string{"op"})),
-		WakeLateness: register(reg, prometheus.NewHistogram(prometheus.HistogramOpts{
+		WakeLateness: telemetry.Register(reg, prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "kagzi_wake_lateness_seconds",
 			Help:    "How late the earliest due sleeper was when the timer looked, by the database clock.",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 		})),
-		EnsureFailures: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		EnsureFailures: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kagzi_timer_ensure_failures_total",
 			Help: "Failed attempts by the timer to (re)create JetStream streams.",
 		})),
-		PublishFailures: register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		PublishFailures: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kagzi_timer_publish_failures_total",
 			Help: "Task doorbells the timer could not publish after a sweep committed.",
 		})),
 	}
-}
-
-// register adds c to reg, or returns the identical collector already registered. A
-// clashing definition leaves c unregistered instead of panicking.
-func register[C prometheus.Collector](reg prometheus.Registerer, c C) C {
-	if reg == nil {
-		return c
-	}
-	if err := reg.Register(c); err != nil {
-		var are prometheus.AlreadyRegisteredError
-		if errors.As(err, &are) {
-			if existing, ok := are.ExistingCollector.(C); ok {
-				return existing
-			}
-		}
-	}
-	return c
 }

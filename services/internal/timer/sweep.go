@@ -2,6 +2,7 @@ package timer
 
 import (
 	"context"
+	"github.com/kagzi/kagzi/services/internal/telemetry"
 	"time"
 
 	"go.uber.org/zap"
@@ -55,7 +56,7 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 		res.woken += len(ds)
 		t.m.Woken.Add(float64(len(ds)))
 		for _, d := range ds {
-			t.log.Debug("run woken", runIDField(d.RunID), workflowField(d.Workflow), namespaceField(d.Namespace))
+			t.log.Debug("run woken", telemetry.RunID(d.RunID), telemetry.Workflow(d.Workflow), telemetry.Namespace(d.Namespace))
 		}
 		t.publish(ctx, failpoint.TimerAfterCommitBeforePublish, ds)
 		if len(ds) < t.cfg.BatchSize || t.quitting() {
@@ -70,7 +71,7 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 		}
 		ds := make([]store.Dispatch, 0, len(es))
 		for _, e := range es {
-			fields := []zap.Field{runIDField(e.RunID), workflowField(e.Workflow), namespaceField(e.Namespace)}
+			fields := []zap.Field{telemetry.RunID(e.RunID), telemetry.Workflow(e.Workflow), telemetry.Namespace(e.Namespace)}
 			if e.Status == wire.StatusFailed {
 				res.failed++
 				t.m.LeasesExpired.WithLabelValues("failed").Inc()
@@ -99,8 +100,8 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 		res.redispatched += len(ds)
 		t.m.Redispatched.Add(float64(len(ds)))
 		for _, d := range ds {
-			t.log.Info("dispatch went unclaimed; run re-dispatched", runIDField(d.RunID), workflowField(d.Workflow),
-				namespaceField(d.Namespace), zap.Int64("dispatch_seq", d.DispatchSeq))
+			t.log.Info("dispatch went unclaimed; run re-dispatched", telemetry.RunID(d.RunID), telemetry.Workflow(d.Workflow),
+				telemetry.Namespace(d.Namespace), zap.Int64("dispatch_seq", d.DispatchSeq))
 		}
 		t.publish(ctx, failpoint.ReconcileAfterCommitBeforePub, ds)
 		if len(ds) < t.cfg.BatchSize || t.quitting() {

@@ -398,6 +398,3 @@ func backoff(n int) time.Duration {
 }
 
 // Log fields shared by every line about a run.
-func runIDField(id wire.RunID) zap.Field { return zap.String("run_id", id) }
-func workflowField(w string) zap.Field   { return zap.String("workflow", w) }
-func namespaceField(n string) zap.Field  { return zap.String("namespace", n) }
