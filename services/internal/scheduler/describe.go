@@ -3,12 +3,12 @@ package scheduler
 import (
 	"context"
 	"errors"
-	"github.com/kagzi/kagzi/services/internal/telemetry"
 
 	"github.com/nats-io/nats.go"
 	"go.uber.org/zap"
 
 	"github.com/kagzi/kagzi/libs/wire"
+	"github.com/kagzi/kagzi/services/internal/telemetry"
 )
 
 // handleDescribe serves kagzi.api.describe: one run and its steps, read from PostgreSQL.

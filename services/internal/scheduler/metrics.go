@@ -1,9 +1,9 @@
 package scheduler
 
 import (
-	"github.com/kagzi/kagzi/services/internal/telemetry"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/kagzi/kagzi/services/internal/telemetry"
 )
 
 // Metrics are the scheduler's Prometheus collectors.

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"github.com/kagzi/kagzi/services/internal/telemetry"
 	"io"
 	"strconv"
 	"strings"
@@ -20,6 +19,7 @@ import (
 	"github.com/kagzi/kagzi/libs/failpoint"
 	"github.com/kagzi/kagzi/libs/store"
 	"github.com/kagzi/kagzi/libs/wire"
+	"github.com/kagzi/kagzi/services/internal/telemetry"
 )
 
 // Start results, the values of kagzi_starts_total{result}.

@@ -1,9 +1,9 @@
 package timer
 
 import (
-	"github.com/kagzi/kagzi/services/internal/telemetry"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/kagzi/kagzi/services/internal/telemetry"
 )
 
 // Metrics are the timer's Prometheus collectors.

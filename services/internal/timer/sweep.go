@@ -2,7 +2,6 @@ package timer
 
 import (
 	"context"
-	"github.com/kagzi/kagzi/services/internal/telemetry"
 	"time"
 
 	"go.uber.org/zap"
@@ -11,6 +10,7 @@ import (
 	"github.com/kagzi/kagzi/libs/failpoint"
 	"github.com/kagzi/kagzi/libs/store"
 	"github.com/kagzi/kagzi/libs/wire"
+	"github.com/kagzi/kagzi/services/internal/telemetry"
 )
 
 // look is one answer of RunsNextDue and the local moment it corresponds to.
