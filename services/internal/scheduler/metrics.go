@@ -1,8 +1,8 @@
 package scheduler
 
 import (
-
 	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/kagzi/kagzi/services/internal/telemetry"
 )
 
