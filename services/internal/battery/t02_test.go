@@ -63,6 +63,12 @@ func TestT02CrashPoints(t *testing.T) {
 // heartbeat and blur the exact body counts this test is about.
 const freshLease = "5s"
 
+// parkSleeps makes every Sleep park the run for the timer. By default a sleep shorter
+// than a third of the lease is waited out in process, and the crash points
+// sleep.after_commit_before_release and timer.after_commit_before_publish lie on the
+// parked path only.
+const parkSleeps = "KAGZI_LOCAL_SLEEP_MAX=-1s"
+
 func t02Input(sleep bool) func(i int) chaoswf.Input {
 	return func(i int) chaoswf.Input {
 		in := chaoswf.Input{Seed: 1000 + i, Steps: 3, MinMS: 5, MaxMS: 20}
@@ -101,7 +107,7 @@ func crashExecutor(point string, sleep bool) func(t *testing.T, n int) {
 		deadline := time.Now().Add(time.Duration(n)*time.Second + 20*time.Second)
 		for launched < n || len(alive) > 0 {
 			for len(alive) < parallel && launched < n {
-				p := s.executor(fmt.Sprintf("armed-%02d", launched), armed(point), "KAGZI_CONCURRENCY=1", "KAGZI_LEASE=1s")
+				p := s.executor(fmt.Sprintf("armed-%02d", launched), armed(point), "KAGZI_CONCURRENCY=1", "KAGZI_LEASE=1s", parkSleeps)
 				s.fault(p, "armed "+point)
 				alive = append(alive, p)
 				launched++
@@ -124,7 +130,7 @@ func crashExecutor(point string, sleep bool) func(t *testing.T, n int) {
 			time.Sleep(10 * time.Millisecond)
 		}
 		sum.Faults = fmt.Sprintf("%d × exit 137 at %s", crashed, point)
-		fresh := s.executor("fresh", "KAGZI_CONCURRENCY=16", "KAGZI_LEASE="+freshLease)
+		fresh := s.executor("fresh", "KAGZI_CONCURRENCY=16", "KAGZI_LEASE="+freshLease, parkSleeps)
 		s.waitCompleted(n, 30*time.Second)
 		t02Verify(t, s, sum, ids, ins, point)
 		if fresh.Exited() {
@@ -138,7 +144,7 @@ func crashTimerWake(t *testing.T, n int) {
 	sum := newSummary(t, fmt.Sprintf("%d runs, 3-step + 300 ms sleep, timer armed %s=exit", n, point))
 	s := newSystem(t)
 	s.scheduler("scheduler")
-	s.executor("fresh", "KAGZI_CONCURRENCY=16", "KAGZI_LEASE="+freshLease)
+	s.executor("fresh", "KAGZI_CONCURRENCY=16", "KAGZI_LEASE="+freshLease, parkSleeps)
 	ins := inputs(n, t02Input(true))
 	ids := s.startRuns(ins)
 	// No timer yet: every run sleeps past its wake time, so the armed timer's first sweep
@@ -181,7 +187,7 @@ func crashReconcile(t *testing.T, n int) {
 	}
 	// The executor announces itself (the reconciler serves only workflows someone
 	// serves) and finds nothing to do; the runs go stale before the armed timer looks.
-	s.executor("fresh", "KAGZI_CONCURRENCY=16", "KAGZI_LEASE="+freshLease)
+	s.executor("fresh", "KAGZI_CONCURRENCY=16", "KAGZI_LEASE="+freshLease, parkSleeps)
 	if got, ok := s.oracle.WaitCount(20*time.Second, n, `SELECT count(*) FROM workflow_runs WHERE status = 'QUEUED'
 		AND queued_at <= now() - interval '1 second' AND EXISTS (SELECT 1 FROM workers)`); !ok {
 		t.Fatalf("%d of %d runs stale", got, n)
@@ -207,7 +213,7 @@ func crashScheduler(t *testing.T, n int) {
 	armedSched := s.scheduler("scheduler-armed", armed(point))
 	s.fault(armedSched, "armed "+point)
 	s.timer("timer", "KAGZI_STALE_AFTER=2s", "KAGZI_MAX_IDLE=1s")
-	s.executor("fresh", "KAGZI_CONCURRENCY=16", "KAGZI_LEASE="+freshLease)
+	s.executor("fresh", "KAGZI_CONCURRENCY=16", "KAGZI_LEASE="+freshLease, parkSleeps)
 
 	// A short request timeout: a start sent to the dying scheduler is retried soon.
 	client := sdk.NewClient(s.nc, sdk.WithRequestTimeout(time.Second))

@@ -4,7 +4,8 @@
 // test_worker_stats under its pid: the tests read fenced writes and no-op claims there,
 // with no port to allocate and nothing lost when the process is later killed.
 //
-//	DATABASE_URL, NATS_URL, KAGZI_EXECUTOR_NAME, KAGZI_LEASE (2s), KAGZI_CONCURRENCY (8)
+//	DATABASE_URL, NATS_URL, KAGZI_EXECUTOR_NAME, KAGZI_LEASE (2s), KAGZI_CONCURRENCY (8),
+//	KAGZI_LOCAL_SLEEP_MAX (the SDK's default; negative: every sleep parks the run)
 package main
 
 import (
@@ -43,6 +44,10 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("KAGZI_CONCURRENCY: %w", err)
 	}
+	localSleep, err := time.ParseDuration(envOr("KAGZI_LOCAL_SLEEP_MAX", "0s"))
+	if err != nil {
+		return fmt.Errorf("KAGZI_LOCAL_SLEEP_MAX: %w", err)
+	}
 	pool, err := store.Connect(ctx, os.Getenv("DATABASE_URL"), 8)
 	if err != nil {
 		return fmt.Errorf("connect worker pool: %w", err)
@@ -60,7 +65,7 @@ func run() error {
 	}
 	defer nc.Close()
 	w, err := sdk.NewWorker(sdk.WorkerConfig{Pool: pool, Conn: nc, Lease: lease, Concurrency: conc,
-		RetryBackoff: 100 * time.Millisecond, MaxBackoff: time.Second, ShutdownGrace: time.Second,
+		RetryBackoff: 100 * time.Millisecond, MaxBackoff: time.Second, ShutdownGrace: time.Second, LocalSleepMax: localSleep,
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))})
 	if err != nil {
 		return fmt.Errorf("new worker: %w", err)
