@@ -363,9 +363,9 @@ type SleepLateness struct {
 type SleepPath struct {
 	Lateness Percentiles `json:"lateness"` // step_runs.created_at of the step after the sleep - the sleep's wake_at
 	// TimerPart is workflow_runs.queued_at - wake_at: how late the timer queued the run.
-	// Meaningful for parked sleeps only.
-	TimerPart Percentiles `json:"timer_part"`
-	Early     int         `json:"woke_early"` // must be 0: a run that went on before its wake time
+	// Parked sleeps only: a sleep waited out in process is never queued.
+	TimerPart *Percentiles `json:"timer_part,omitempty"`
+	Early     int          `json:"woke_early"` // must be 0: a run that went on before its wake time
 	// Redispatched runs were queued again by the reconciler: their timer part above is
 	// then the re-dispatch, not the wake-up.
 	Redispatched int `json:"redispatched_runs"`
@@ -384,7 +384,7 @@ func (b *bencher) runS3(ctx context.Context) error {
 			return err
 		}
 		r := &SleepLateness{Runs: n, Sleep: secs(b.cfg.SleepFor)}
-		pass := func(exec *proc, done int) (SleepPath, error) {
+		pass := func(exec *proc, done int, parked bool) (SleepPath, error) {
 			in := benchwf.SleepInput{MS: int(b.cfg.SleepFor / time.Millisecond)}
 			ids, err := s.startMany(ctx, benchwf.SleepName, n, b.cfg.StartConcurrency, func(int) any { return in })
 			if err != nil {
@@ -400,7 +400,11 @@ func (b *bencher) runS3(ctx context.Context) error {
 			if err != nil {
 				return SleepPath{}, err
 			}
-			p := SleepPath{Lateness: percentiles(late), TimerPart: percentiles(timer)}
+			p := SleepPath{Lateness: percentiles(late)}
+			if parked {
+				tp := percentiles(timer)
+				p.TimerPart = &tp
+			}
 			if p.Redispatched, err = s.redispatched(ctx, benchwf.SleepName, 2, ids); err != nil {
 				return SleepPath{}, err
 			}
@@ -411,7 +415,7 @@ func (b *bencher) runS3(ctx context.Context) error {
 			}
 			return p, nil
 		}
-		if r.Defaults, err = pass(exec, 0); err != nil {
+		if r.Defaults, err = pass(exec, 0, false); err != nil {
 			return err
 		}
 		exec.stop(10 * time.Second)
@@ -419,7 +423,7 @@ func (b *bencher) runS3(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if r.Parked, err = pass(parked, n); err != nil {
+		if r.Parked, err = pass(parked, n, true); err != nil {
 			return err
 		}
 		b.rep.S3 = r
@@ -641,7 +645,9 @@ func (b *bencher) runS5(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		// Reported as far as it got, should a later phase fail.
 		r := &SleepingScale{}
+		b.rep.S5 = r
 		asleep := func(ctx context.Context) (int, error) {
 			var k int
 			err := s.pool.QueryRow(ctx, `SELECT count(*) FROM workflow_runs WHERE status = 'SLEEPING'`).Scan(&k)
@@ -810,7 +816,6 @@ FROM workflow_runs r JOIN step_runs z ON z.run_id = r.id AND z.step_key = 'nap'`
 		if ref := b.rep.Reference; ref != nil && ref.EightClients > 0 {
 			r.RatioTo8Clients = r.FinishPerS / ref.EightClients
 		}
-		b.rep.S5 = r
 		b.progress("S5: woke and finished %d runs in %.1f s; executor RSS %s at %d sleepers, %s at %d",
 			n, float64(r.WakeToFinish), mib(r.First.Executor), r.First.Sleepers, mib(r.All.Executor), r.All.Sleepers)
 		return nil
