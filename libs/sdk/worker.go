@@ -133,6 +133,8 @@ type Worker struct {
 	metrics workerMetrics
 	pl      payloads
 
+	lastLeaseHint atomic.Int64 // unix nanoseconds of the last lease notice to the timers
+
 	// Group commit of the hot statements across concurrent runs.
 	claims    *groupcommit.Batcher[store.ClaimRequest, store.ClaimResult]
 	steps     *groupcommit.Batcher[store.StepInsertParams, error]
@@ -476,6 +478,7 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 	}
 	_ = msg.Ack()
 	w.metrics.claimed.Add(1)
+	w.hintLease(run.LeaseExpiresAt)
 	w.execute(def, run, claimSent)
 }
 
@@ -616,6 +619,19 @@ func (w *Worker) noteWriteError(rc *runContext, what string, err error) {
 }
 
 var errWorkerStopped = errors.New("worker stopped")
+
+// hintLease tells the timers when a lease taken now would lapse, so that a timer which
+// last looked while no run was held still wakes in time to re-queue the run of an
+// executor that dies. Leases are renewed every third of their length, so one notice per
+// half lease is enough however many runs are claimed.
+func (w *Worker) hintLease(expiresAt time.Time) {
+	now := time.Now().UnixNano()
+	last := w.lastLeaseHint.Load()
+	if now-last < int64(w.cfg.Lease/2) || !w.lastLeaseHint.CompareAndSwap(last, now) {
+		return
+	}
+	w.bus.PublishTimerHint(expiresAt)
+}
 
 // retryWrite makes a fenced write, retrying transient errors while the lease is still
 // ours. A refusal by the fence (ErrLeaseLost) is final at once.

@@ -28,15 +28,17 @@ type ClaimResult struct {
 	Err error
 }
 
-// Primary-key updates through unnest; steps of the claimed runs read by the step_runs
-// primary key prefix in the same round trip.
+// Primary-key updates (the id = ANY condition keeps the planner on the primary key; on
+// the join alone it may scan the queued-runs index, whose size is the backlog); steps of
+// the claimed runs read by the step_runs primary key prefix in the same round trip.
 const runsClaimSQL = `
 UPDATE workflow_runs r SET
     status = 'RUNNING', fence = r.fence + 1, lease_owner = $4,
     lease_expires_at = now() + $5::bigint * interval '1 microsecond',
     started_at = coalesce(r.started_at, now()), updated_at = now()
 FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS t(id, seq, workflow)
-WHERE r.id = t.id AND r.dispatch_seq = t.seq AND r.workflow = t.workflow AND r.namespace = $6 AND r.status = 'QUEUED'
+WHERE r.id = ANY ($1::uuid[]) AND r.id = t.id AND r.dispatch_seq = t.seq AND r.workflow = t.workflow
+  AND r.namespace = $6 AND r.status = 'QUEUED'
 RETURNING r.id::text, r.dispatch_seq, r.version, r.input, r.attempt, r.max_attempts, r.fence, now(), r.lease_expires_at`
 
 const stepsLoadManySQL = `
@@ -225,7 +227,7 @@ const runsCompleteSQL = `
 UPDATE workflow_runs r SET status = 'COMPLETED', output = c.output, error = NULL,
     lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
 FROM unnest($1::uuid[], $2::bigint[], $3::bytea[]) AS c(id, fence, output)
-WHERE r.id = c.id AND r.fence = c.fence AND r.status = 'RUNNING'
+WHERE r.id = ANY ($1::uuid[]) AND r.id = c.id AND r.fence = c.fence AND r.status = 'RUNNING'
 RETURNING r.id::text`
 
 // Primary-key lookups: which of these runs are COMPLETED under exactly this fence.

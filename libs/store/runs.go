@@ -291,7 +291,7 @@ type Held struct {
 const runsExtendLeasesSQL = `
 UPDATE workflow_runs r SET lease_expires_at = now() + $2::bigint * interval '1 microsecond'
 FROM unnest($3::uuid[], $4::bigint[]) AS h(id, fence)
-WHERE r.id = h.id AND r.fence = h.fence AND r.status = 'RUNNING' AND r.lease_owner = $1
+WHERE r.id = ANY ($3::uuid[]) AND r.id = h.id AND r.fence = h.fence AND r.status = 'RUNNING' AND r.lease_owner = $1
 RETURNING r.id::text`
 
 // RunsExtendLeases renews the leases of every run an executor holds in one statement and

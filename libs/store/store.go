@@ -50,6 +50,10 @@ func Connect(ctx context.Context, databaseURL string, maxConns int32) (*pgxpool.
 	}
 	cfg.MaxConnIdleTime = 5 * time.Minute
 	cfg.HealthCheckPeriod = 30 * time.Second
+	// pgx pings a connection idle for over a second before handing it out: on an idle
+	// system that is a transaction per statement. Kagzi's writers retry a failed
+	// statement anyway, and connections idle for minutes are closed, so skip the ping.
+	cfg.ShouldPing = func(context.Context, pgxpool.ShouldPingParams) bool { return false }
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("open database pool: %w", err)
