@@ -489,7 +489,10 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 	rc := &runContext{
 		Context: ctx, w: w, run: run, def: def, cancel: cancel,
 		log:  w.log.With("run_id", run.ID, "workflow", run.Workflow, "attempt", run.Attempt),
-		seen: map[string]int{}, stateBytes: len(run.Input), claimedAt: claimSent,
+		// claimedAt is read after the claim returned, so it is no earlier than the
+		// database's DBNow: time since it never overstates the time since DBNow, and a
+		// resumed sleep never ends early. (The lease, conversely, counts from the send.)
+		seen: map[string]int{}, stateBytes: len(run.Input), claimedAt: time.Now(),
 	}
 	for _, st := range run.Steps {
 		rc.stateBytes += len(st.Output)
@@ -690,7 +693,9 @@ func (w *Worker) extendLeases(ctx context.Context) {
 		params[i] = store.Held{RunID: rc.run.ID, Fence: rc.run.Fence}
 	}
 	sent := time.Now()
-	qctx, cancel := context.WithTimeout(ctx, w.cfg.Lease/3)
+	// Half a lease: a slow database must not cost healthy runs their leases (a renewal
+	// that comes too late is caught by each run's own deadline anyway).
+	qctx, cancel := context.WithTimeout(ctx, w.cfg.Lease/2)
 	kept, err := w.store.RunsExtendLeases(qctx, w.cfg.ID, w.cfg.Lease, params)
 	cancel()
 	if err != nil {
@@ -702,7 +707,13 @@ func (w *Worker) extendLeases(ctx context.Context) {
 	for _, rc := range held {
 		if kept[rc.run.ID] {
 			rc.confirmLease(sent)
-		} else {
+			continue
+		}
+		// Missing from the answer: lost, unless the run finished or parked meanwhile.
+		w.mu.Lock()
+		still := w.held[rc.run.ID] == rc
+		w.mu.Unlock()
+		if still {
 			rc.log.Warn("lease lost: another executor holds the run")
 			rc.loseLease()
 		}
