@@ -488,7 +488,7 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 	defer cancel()
 	rc := &runContext{
 		Context: ctx, w: w, run: run, def: def, cancel: cancel,
-		log:  w.log.With("run_id", run.ID, "workflow", run.Workflow, "attempt", run.Attempt),
+		log: w.log.With("run_id", run.ID, "workflow", run.Workflow, "attempt", run.Attempt),
 		// claimedAt is read after the claim returned, so it is no earlier than the
 		// database's DBNow: time since it never overstates the time since DBNow, and a
 		// resumed sleep never ends early. (The lease, conversely, counts from the send.)
