@@ -143,7 +143,7 @@ func occurrenceKey(key string, n int) string {
 	return key + "#" + strconv.Itoa(n)
 }
 
-// recordedStep is a replay lookup: the record at a sequence position.
+// recordedAt is a replay lookup: the record at a sequence position.
 func recordedAt(steps []store.Step, seq int) (store.Step, bool) {
 	if seq < len(steps) && steps[seq].Seq == seq {
 		return steps[seq], true
