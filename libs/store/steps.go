@@ -43,19 +43,6 @@ func scanSteps(rows pgx.Rows) ([]Step, error) {
 	})
 }
 
-// StepsLoad reads every recorded step of a run in sequence order.
-func (s *Store) StepsLoad(ctx context.Context, runID wire.RunID) ([]Step, error) {
-	rows, err := s.db.Query(ctx, stepsLoadSQL, runID)
-	if err != nil {
-		return nil, fmt.Errorf("load steps of run %s: %w", runID, err)
-	}
-	steps, err := scanSteps(rows)
-	if err != nil {
-		return nil, fmt.Errorf("load steps of run %s: %w", runID, err)
-	}
-	return steps, nil
-}
-
 // StepInsertParams records one step result under a fence.
 type StepInsertParams struct {
 	FencedParams
