@@ -237,18 +237,22 @@ type Doorbell struct {
 	Namespace string
 	Workflow  string
 	Task      wire.Task
+	Resend    int64 // non-zero: a relay of a dispatch announced before (wire.ResendMsgID)
 }
 
+func (d Doorbell) msgID() string { return wire.ResendMsgID(d.Task.RunID, d.Task.DispatchSeq, d.Resend) }
+
 // PublishTasks publishes doorbells and waits for JetStream to accept them. Each carries
-// Nats-Msg-Id <run_id>:<dispatch_seq>, so a repeated publish of one dispatch is dropped
-// by the stream while a re-dispatch is not. A failure is not fatal to correctness: the
-// run stays QUEUED and the reconciler publishes again.
+// Nats-Msg-Id <run_id>:<dispatch_seq> (plus the relay's mark), so a repeated publish of
+// one announcement is dropped by the stream while a re-dispatch or a relay is not. A
+// failure is not fatal to correctness: the run stays QUEUED and the reconciler publishes
+// again.
 func (b *Bus) PublishTasks(ctx context.Context, bells []Doorbell) error {
 	if len(bells) == 1 {
 		bell := bells[0]
 		data, _ := json.Marshal(bell.Task)
 		_, err := b.js.Publish(ctx, wire.TaskSubject(bell.Namespace, bell.Workflow), data,
-			jetstream.WithMsgID(wire.MsgID(bell.Task.RunID, bell.Task.DispatchSeq)))
+			jetstream.WithMsgID(bell.msgID()))
 		if err != nil {
 			return fmt.Errorf("publish task for run %s: %w", bell.Task.RunID, err)
 		}
@@ -258,7 +262,7 @@ func (b *Bus) PublishTasks(ctx context.Context, bells []Doorbell) error {
 	for _, bell := range bells {
 		data, _ := json.Marshal(bell.Task)
 		f, err := b.js.PublishAsync(wire.TaskSubject(bell.Namespace, bell.Workflow), data,
-			jetstream.WithMsgID(wire.MsgID(bell.Task.RunID, bell.Task.DispatchSeq)))
+			jetstream.WithMsgID(bell.msgID()))
 		if err != nil {
 			return fmt.Errorf("publish task for run %s: %w", bell.Task.RunID, err)
 		}

@@ -17,7 +17,8 @@ package store_test
 // (QUEUED→RUNNING, QUEUED→QUEUED re-dispatch, RUNNING→RUNNING lease extension,
 // RUNNING→SLEEPING/COMPLETED/FAILED/QUEUED, SLEEPING→QUEUED), a terminal run never
 // changes and is entered once; dispatch_seq moves by one exactly on transitions into
-// QUEUED and fence only on claims; a write under an old fence (or under the current fence
+// QUEUED from another status (a re-dispatch relays the same dispatch) and fence only on
+// claims; a write under an old fence (or under the current fence
 // of a run that is no longer RUNNING) gets wire.ErrLeaseLost and changes nothing;
 // 1 ≤ attempt ≤ max_attempts; every result (claims, sweeps, idempotent starts) is the one
 // the model predicts.
@@ -143,6 +144,7 @@ type mRun struct {
 	status  wire.Status
 	fence   int64
 	seq     int64 // dispatch_seq
+	relays  int64 // reconciler relays ever made
 	attempt int
 	owner   string // lease owner while RUNNING
 	leaseH  int    // lease expiry, hours after the sequence began (while RUNNING)
@@ -786,7 +788,7 @@ func (m *model) doWake(t *rapid.T, offH int, limit int) {
 	}
 	res, err := m.s.RunsWakeDue(m.ctx, store.SweepParams{Now: nowAt(offH), Limit: limit})
 	wantErr(t, "wake due runs", err, nil)
-	m.applyDispatches(t, fmt.Sprintf("wake due runs at +%dh", offH), res, due, limit)
+	m.applyDispatches(t, fmt.Sprintf("wake due runs at +%dh", offH), res, due, limit, true)
 	m.stats["woken"] += len(res)
 }
 
@@ -803,11 +805,13 @@ func (m *model) doReconcile(t *rapid.T, offH int, liveH int, limit int) {
 	res, err := m.s.RunsRedispatchStale(m.ctx, store.RedispatchParams{SweepParams: store.SweepParams{Now: nowAt(offH), Limit: limit},
 		StaleAfter: modelStaleAfter, LiveWithin: hours(liveH)})
 	wantErr(t, "redispatch stale runs", err, nil)
-	m.applyDispatches(t, fmt.Sprintf("redispatch at +%dh live within %dh", offH, liveH), res, due, limit)
+	m.applyDispatches(t, fmt.Sprintf("redispatch at +%dh live within %dh", offH, liveH), res, due, limit, false)
 	m.stats["redispatched"] += len(res)
 }
 
-func (m *model) applyDispatches(t *rapid.T, what string, res []store.Dispatch, due []int, limit int) {
+// applyDispatches checks a sweep's dispatches; newDispatch says whether they are new
+// dispatches (wakes) or relays of the current one (reconcile).
+func (m *model) applyDispatches(t *rapid.T, what string, res []store.Dispatch, due []int, limit int, newDispatch bool) {
 	ids := make([]string, len(res))
 	for i, d := range res {
 		ids[i] = string(d.RunID)
@@ -815,9 +819,16 @@ func (m *model) applyDispatches(t *rapid.T, what string, res []store.Dispatch, d
 	got := m.sweepResult(t, what, ids, due, limit)
 	for k, i := range got {
 		r := m.runs[i]
-		r.seq++
+		wantResend := int64(0)
+		if newDispatch {
+			r.seq++
+		} else {
+			// Each relay has its own mark, or JetStream would de-duplicate it away.
+			r.relays++
+			wantResend = r.relays
+		}
 		m.transition(i, wire.StatusQueued)
-		if res[k].DispatchSeq != r.seq || res[k].Namespace != modelNS || res[k].Workflow != r.workflow {
+		if res[k].DispatchSeq != r.seq || res[k].Resend != wantResend || res[k].Namespace != modelNS || res[k].Workflow != r.workflow {
 			t.Fatalf("%s: %+v, want %s", what, res[k], m.runDesc(i))
 		}
 	}
@@ -1008,11 +1019,11 @@ func (m *model) check(t *rapid.T) {
 			t.Fatalf("run#%d %s → %s: fence %d → %d", i, from, to, *d.oldFence, d.newFence)
 		}
 		wantSeq := *d.oldSeq
-		if to == wire.StatusQueued {
+		if to == wire.StatusQueued && from != wire.StatusQueued {
 			wantSeq++
 		}
 		if d.newSeq != wantSeq {
-			t.Fatalf("run#%d %s → %s: dispatch_seq %d → %d (it moves exactly on transitions into QUEUED)", i, from, to, *d.oldSeq, d.newSeq)
+			t.Fatalf("run#%d %s → %s: dispatch_seq %d → %d (it moves exactly on transitions into QUEUED from elsewhere)", i, from, to, *d.oldSeq, d.newSeq)
 		}
 		if d.newAttempt < *d.oldAttempt || d.newAttempt > *d.oldAttempt+1 {
 			t.Fatalf("run#%d %s → %s: attempt %d → %d", i, from, to, *d.oldAttempt, d.newAttempt)

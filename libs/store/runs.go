@@ -19,6 +19,11 @@ type Dispatch struct {
 	Namespace   string
 	Workflow    string
 	DispatchSeq int64
+	// Resend is non-zero when this announces again a dispatch published before (the
+	// reconciler's relay; workflow_runs.relays): it tells the copies apart for
+	// JetStream's de-duplication, while the dispatch itself, and every doorbell already
+	// queued for it, stays valid.
+	Resend int64
 }
 
 // RunInsertParams describes a new run.
@@ -411,15 +416,31 @@ WITH due AS (
     ORDER BY r.queued_at LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
-UPDATE workflow_runs r SET dispatch_seq = r.dispatch_seq + 1, queued_at = now(), updated_at = now()
+UPDATE workflow_runs r SET relays = r.relays + 1, queued_at = now(), updated_at = now()
 FROM due WHERE r.id = due.id
-RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq`
+RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq, r.relays`
 
-// RunsRedispatchStale re-dispatches runs that sat QUEUED unclaimed for StaleAfter: the
-// relay of the QUEUED-row outbox.
+// RunsRedispatchStale announces again the dispatch of runs that sat QUEUED unclaimed for
+// StaleAfter: the relay of the QUEUED-row outbox. It keeps dispatch_seq: the doorbell
+// may be late rather than lost (a backlog longer than StaleAfter), and a new sequence
+// number would turn every doorbell still queued for the run into a no-op claim, so that
+// behind a long queue executors would spend their claims on nothing. The run's
+// queued_at restarts, so each run is relayed at most once per StaleAfter, and its relays
+// count goes up by one.
 func (s *Store) RunsRedispatchStale(ctx context.Context, p RedispatchParams) ([]Dispatch, error) {
-	return s.queryDispatches(ctx, "redispatch stale runs", runsRedispatchStaleSQL,
-		nowArg(p.Now), p.Limit, micros(p.StaleAfter), micros(p.LiveWithin))
+	rows, err := s.db.Query(ctx, runsRedispatchStaleSQL, nowArg(p.Now), p.Limit, micros(p.StaleAfter), micros(p.LiveWithin))
+	if err != nil {
+		return nil, fmt.Errorf("redispatch stale runs: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (Dispatch, error) {
+		var d Dispatch
+		err := row.Scan(&d.RunID, &d.Namespace, &d.Workflow, &d.DispatchSeq, &d.Resend)
+		return d, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("redispatch stale runs: %w", err)
+	}
+	return out, nil
 }
 
 func (s *Store) queryDispatches(ctx context.Context, what, sql string, args ...any) ([]Dispatch, error) {

@@ -184,7 +184,11 @@ func TestRedispatchOnlyServedWorkflows(t *testing.T) {
 		t.Fatal(err)
 	}
 	got, err = s.RunsRedispatchStale(ctx, p)
-	if err != nil || len(got) != 1 || got[0].DispatchSeq != 2 {
+	if err != nil || len(got) != 1 || got[0].DispatchSeq != 1 || got[0].Resend != 1 {
 		t.Fatalf("redispatch = %+v, %v", got, err)
+	}
+	// A relay, not a new dispatch: the doorbell that was only late still claims the run.
+	if _, ok := claim(t, s, store.Dispatch{RunID: got[0].RunID, Namespace: "default", Workflow: "wf", DispatchSeq: 1}, "late"); !ok {
+		t.Fatal("the original dispatch no longer claims the run after a relay")
 	}
 }

@@ -51,3 +51,13 @@ func TaskConsumer(namespace, workflow string) string {
 func MsgID(runID RunID, dispatchSeq int64) string {
 	return runID + ":" + strconv.FormatInt(dispatchSeq, 10)
 }
+
+// ResendMsgID is the de-duplication id of the resend-th announcement of a dispatch
+// after its first (the reconciler's relay): distinct from the first, and from other
+// resends, so the window does not swallow a relay of a doorbell the broker lost.
+func ResendMsgID(runID RunID, dispatchSeq, resend int64) string {
+	if resend == 0 {
+		return MsgID(runID, dispatchSeq)
+	}
+	return MsgID(runID, dispatchSeq) + ":r" + strconv.FormatInt(resend, 10)
+}

@@ -50,14 +50,13 @@ func queryFloats(ctx context.Context, s *system, sql string, args ...any) ([]flo
 	return pgx.CollectRows(rows, pgx.RowTo[float64])
 }
 
-// redispatched counts the runs of workflow that were dispatched more often than their
-// path needs (1 for a start, +1 per wake-up): the timer's reconciler re-dispatched them
+// redispatched counts the runs of workflow whose dispatch the timer's reconciler relayed
 // because they sat QUEUED longer than KAGZI_STALE_AFTER, usually behind a backlog rather
 // than because a doorbell was lost.
-func (s *system) redispatched(ctx context.Context, workflow string, need int, ids []string) (int, error) {
+func (s *system) redispatched(ctx context.Context, workflow string, ids []string) (int, error) {
 	var n int
-	err := s.pool.QueryRow(ctx, `SELECT count(*) FROM workflow_runs WHERE workflow = $1 AND dispatch_seq > $2 AND ($3::uuid[] IS NULL OR id = ANY ($3))`,
-		workflow, need, ids).Scan(&n)
+	err := s.pool.QueryRow(ctx, `SELECT count(*) FROM workflow_runs WHERE workflow = $1 AND relays > 0 AND ($2::uuid[] IS NULL OR id = ANY ($2))`,
+		workflow, ids).Scan(&n)
 	if err != nil {
 		return 0, fmt.Errorf("count re-dispatched runs: %w", err)
 	}
@@ -245,7 +244,7 @@ func (b *bencher) runS1(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("read S1 latencies: %w", err)
 		}
-		redis, err := s.redispatched(ctx, benchwf.Noop3Name, 1, nil)
+		redis, err := s.redispatched(ctx, benchwf.Noop3Name, nil)
 		if err != nil {
 			return err
 		}
@@ -405,7 +404,7 @@ func (b *bencher) runS3(ctx context.Context) error {
 				tp := percentiles(timer)
 				p.TimerPart = &tp
 			}
-			if p.Redispatched, err = s.redispatched(ctx, benchwf.SleepName, 2, ids); err != nil {
+			if p.Redispatched, err = s.redispatched(ctx, benchwf.SleepName, ids); err != nil {
 				return SleepPath{}, err
 			}
 			for _, l := range late {
@@ -810,7 +809,7 @@ FROM workflow_runs r JOIN step_runs z ON z.run_id = r.id AND z.step_key = 'nap'`
 			return err
 		}
 		r.Lateness, r.TimerPart = percentiles(late), percentiles(timer)
-		if r.Redispatched, err = s.redispatched(ctx, benchwf.SleepName, 2, nil); err != nil {
+		if r.Redispatched, err = s.redispatched(ctx, benchwf.SleepName, nil); err != nil {
 			return err
 		}
 		if ref := b.rep.Reference; ref != nil && ref.EightClients > 0 {
