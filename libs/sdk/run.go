@@ -42,7 +42,7 @@ type runContext struct {
 	cancel context.CancelFunc
 
 	replayOnly bool           // Replay: never run a body, never write
-	claimedAt  time.Time      // monotonic: when the claim was sent
+	claimedAt  time.Time      // the worker's clock when the claim returned
 	seq        int            // next step position
 	seen       map[string]int // occurrences of each user key
 	stateBytes int
@@ -50,7 +50,9 @@ type runContext struct {
 	// leaseUntil is the monotonic deadline of the lease as last confirmed by the database
 	// (send time of the confirming statement + lease). Past it the executor must assume
 	// another one holds the run and start no step body: self-fencing without trusting
-	// wall clocks.
+	// wall clocks. Like claimedAt it is a reading of the worker's clock, compared only
+	// with other readings of that clock, never with time.Now: a test clock's offset
+	// shifts the monotonic reading along with the wall one.
 	mu         sync.Mutex
 	leaseUntil time.Time
 	lost       atomic.Bool
@@ -81,7 +83,7 @@ func (rc *runContext) leaseValid() bool {
 	}
 	rc.mu.Lock()
 	defer rc.mu.Unlock()
-	return time.Now().Before(rc.leaseUntil.Add(-rc.w.cfg.Lease / 10))
+	return rc.w.cfg.Clock.Now().Before(rc.leaseUntil.Add(-rc.w.cfg.Lease / 10))
 }
 
 func (rc *runContext) loseLease() {
@@ -261,7 +263,7 @@ func (rc *runContext) sleep(userKey string, d time.Duration, until *time.Time) e
 			return nil
 		}
 		// Claimed before the wake time (a crash during a local sleep, or a stray doorbell).
-		if remaining := rec.WakeAt.Sub(rc.run.DBNow) - time.Since(rc.claimedAt); rc.local(remaining) {
+		if remaining := rec.WakeAt.Sub(rc.run.DBNow) - rc.w.cfg.Clock.Now().Sub(rc.claimedAt); rc.local(remaining) {
 			rc.waitLocally(remaining)
 			return nil
 		}
@@ -273,7 +275,7 @@ func (rc *runContext) sleep(userKey string, d time.Duration, until *time.Time) e
 	rc.checkNewStep(key, seq)
 	remaining := d
 	if until != nil {
-		remaining = until.Sub(rc.run.DBNow) - time.Since(rc.claimedAt)
+		remaining = until.Sub(rc.run.DBNow) - rc.w.cfg.Clock.Now().Sub(rc.claimedAt)
 	}
 	if rc.local(remaining) {
 		var wakeAt, dbNow time.Time

@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/clock"
 	"github.com/kagzi/kagzi/libs/failpoint"
 	"github.com/kagzi/kagzi/libs/groupcommit"
 	"github.com/kagzi/kagzi/libs/store"
@@ -49,6 +50,10 @@ type WorkerConfig struct {
 	// Default min(5s, Lease/3); negative: every sleep parks.
 	LocalSleepMax time.Duration
 	ID            string // default: hostname-pid-random
+	// Clock is read for the worker's lease deadlines and sleep timing, which it measures
+	// as intervals between its readings; wake times and leases themselves are set by the
+	// database's clock. Default: clock.Default().
+	Clock clock.Clock
 	// SkipSchemaCheck skips the start-up check that the database schema is at least as
 	// new as this SDK. Services that migrate at start-up check by migrating.
 	SkipSchemaCheck bool
@@ -94,6 +99,9 @@ func (c *WorkerConfig) setDefaults() error {
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
+	if c.Clock == nil {
+		c.Clock = clock.Default()
+	}
 	if c.ID == "" {
 		host, _ := os.Hostname()
 		c.ID = fmt.Sprintf("%s-%d-%s", host, os.Getpid(), wire.NewRunID()[24:])
@@ -133,7 +141,11 @@ type Worker struct {
 	metrics workerMetrics
 	pl      payloads
 
-	lastLeaseHint atomic.Int64 // unix nanoseconds of the last lease notice to the timers
+	// lastLeaseHint is when the last lease notice went to the timers, in nanoseconds since
+	// hintEpoch: an interval on the worker's clock, which a step of the wall clock cannot
+	// stall.
+	lastLeaseHint atomic.Int64
+	hintEpoch     time.Time
 
 	// Group commit of the hot statements across concurrent runs.
 	claims    *groupcommit.Batcher[store.ClaimRequest, store.ClaimResult]
@@ -169,6 +181,8 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		slots: make(chan struct{}, cfg.Concurrency),
 		held:  map[wire.RunID]*runContext{},
 		pl:    payloads{codec: cfg.Codec},
+		// A lease back, so that the first notice is due at once.
+		hintEpoch: cfg.Clock.Now().Add(-cfg.Lease),
 	}, nil
 }
 
@@ -453,7 +467,7 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 		_ = msg.Term()
 		return
 	}
-	claimSent := time.Now()
+	claimSent := w.cfg.Clock.Now()
 	res, done := w.claims.Do(store.ClaimRequest{RunID: task.RunID, DispatchSeq: task.DispatchSeq, Workflow: def.Name()})
 	run, ok, err := res.Run, res.OK, res.Err
 	if !done {
@@ -492,7 +506,7 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 		// claimedAt is read after the claim returned, so it is no earlier than the
 		// database's DBNow: time since it never overstates the time since DBNow, and a
 		// resumed sleep never ends early. (The lease, conversely, counts from the send.)
-		seen: map[string]int{}, stateBytes: len(run.Input), claimedAt: time.Now(),
+		seen: map[string]int{}, stateBytes: len(run.Input), claimedAt: w.cfg.Clock.Now(),
 	}
 	for _, st := range run.Steps {
 		rc.stateBytes += len(st.Output)
@@ -628,7 +642,7 @@ var errWorkerStopped = errors.New("worker stopped")
 // executor that dies. Leases are renewed every third of their length, so one notice per
 // half lease is enough however many runs are claimed.
 func (w *Worker) hintLease(expiresAt time.Time) {
-	now := time.Now().UnixNano()
+	now := int64(w.cfg.Clock.Now().Sub(w.hintEpoch))
 	last := w.lastLeaseHint.Load()
 	if now-last < int64(w.cfg.Lease/2) || !w.lastLeaseHint.CompareAndSwap(last, now) {
 		return
@@ -661,7 +675,7 @@ func (w *Worker) heartbeat(ctx context.Context) {
 	defer w.heartbeats.Done()
 	tick := time.NewTicker(w.cfg.Lease / 3)
 	defer tick.Stop()
-	lastAnnounce := time.Now()
+	lastAnnounce := w.cfg.Clock.Now()
 	for {
 		select {
 		case <-ctx.Done():
@@ -669,11 +683,11 @@ func (w *Worker) heartbeat(ctx context.Context) {
 		case <-tick.C:
 		}
 		w.extendLeases(ctx)
-		if time.Since(lastAnnounce) >= 15*time.Second {
+		if w.cfg.Clock.Now().Sub(lastAnnounce) >= 15*time.Second {
 			if err := w.store.WorkerHeartbeat(ctx, w.announcement()); err != nil && ctx.Err() == nil {
 				w.log.Warn("worker heartbeat", "error", err)
 			}
-			lastAnnounce = time.Now()
+			lastAnnounce = w.cfg.Clock.Now()
 		}
 	}
 }
@@ -692,7 +706,7 @@ func (w *Worker) extendLeases(ctx context.Context) {
 	for i, rc := range held {
 		params[i] = store.Held{RunID: rc.run.ID, Fence: rc.run.Fence}
 	}
-	sent := time.Now()
+	sent := w.cfg.Clock.Now()
 	// Half a lease: a slow database must not cost healthy runs their leases (a renewal
 	// that comes too late is caught by each run's own deadline anyway).
 	qctx, cancel := context.WithTimeout(ctx, w.cfg.Lease/2)

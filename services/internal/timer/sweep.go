@@ -40,7 +40,7 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 			return true
 		}
 		when := at(lk.n)
-		return when != nil && !when.After(lk.n.DBNow.Add(time.Since(lk.ref)))
+		return when != nil && !when.After(lk.n.DBNow.Add(t.now().Sub(lk.ref)))
 	}
 
 	for due(func(n store.NextDue) *time.Time { return n.Wake }) {
@@ -50,7 +50,7 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 		}
 		if len(ds) > 0 && res.woken == 0 && lk != nil && lk.n.Wake != nil {
 			// The database clock now, estimated from the look: exact to half a round trip.
-			dbNow := lk.n.DBNow.Add(time.Since(lk.ref))
+			dbNow := lk.n.DBNow.Add(t.now().Sub(lk.ref))
 			t.m.WakeLateness.Observe(max(dbNow.Sub(*lk.n.Wake), 0).Seconds())
 		}
 		res.woken += len(ds)

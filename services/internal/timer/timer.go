@@ -7,7 +7,8 @@
 // until then or until an executor's hint names a sooner wake time, and only then sweeps.
 // An idle system therefore costs one small query per MaxIdle, and a hinted sleeper wakes
 // milliseconds after its wake time. Every time comparison is made by the database clock;
-// the timer's own clock only measures how long to wait.
+// the timer's own clock (Config.Clock) only measures how long to wait, as intervals
+// between its own readings.
 //
 // Sweeps are FOR UPDATE SKIP LOCKED batches in the store, so any number of replicas may
 // run side by side. The package has no fx: it takes plain values.
@@ -25,6 +26,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/clock"
 	"github.com/kagzi/kagzi/libs/store"
 	"github.com/kagzi/kagzi/libs/wire"
 )
@@ -47,6 +49,9 @@ type Config struct {
 	// PruneWorkersAfter: workers silent this long are forgotten (10m, never below
 	// LiveWithin).
 	PruneWorkersAfter time.Duration
+	// Clock measures the waits (clock.Default()). Its readings are compared only with
+	// each other, never with time.Now.
+	Clock clock.Clock
 }
 
 func (c Config) withDefaults() Config {
@@ -69,6 +74,9 @@ func (c Config) withDefaults() Config {
 		c.PruneWorkersAfter = 10 * time.Minute
 	}
 	c.PruneWorkersAfter = max(c.PruneWorkersAfter, c.LiveWithin)
+	if c.Clock == nil {
+		c.Clock = clock.Default()
+	}
 	return c
 }
 
@@ -235,7 +243,7 @@ func (t *Timer) run() {
 		if t.quitting() {
 			return
 		}
-		before := time.Now()
+		before := t.now()
 		n, err := t.st.RunsNextDue(t.runCtx, t.cfg.StaleAfter, t.cfg.LiveWithin)
 		t.m.Polls.Inc()
 		if err != nil {
@@ -252,7 +260,7 @@ func (t *Timer) run() {
 		}
 		failures = 0
 		// The local moment that n.DBNow corresponds to, to within half a round trip.
-		ref := before.Add(time.Since(before) / 2)
+		ref := before.Add(t.now().Sub(before) / 2)
 		delay := t.untilDue(n, ref, lastSweep, lastSweepDB)
 		if delay > 0 {
 			if !t.wait(delay, n, ref) {
@@ -260,13 +268,13 @@ func (t *Timer) run() {
 			}
 			continue
 		}
-		if pause := time.Until(notBefore); pause > 0 {
+		if pause := notBefore.Sub(t.now()); pause > 0 {
 			if !t.sleep(pause) {
 				return
 			}
 			continue
 		}
-		lastSweep, lastSweepDB = time.Now(), n.DBNow
+		lastSweep, lastSweepDB = t.now(), n.DBNow
 		res, err := t.sweep(t.runCtx, &look{n: n, ref: ref})
 		if err != nil {
 			if t.quitting() {
@@ -282,7 +290,7 @@ func (t *Timer) run() {
 		}
 		notBefore = time.Time{}
 		if res.total() == 0 {
-			notBefore = time.Now().Add(emptySweepPause)
+			notBefore = t.now().Add(emptySweepPause)
 		}
 	}
 }
@@ -292,7 +300,7 @@ func (t *Timer) run() {
 // replica held it, or its worker's heartbeat lapsed between the look and the sweep)
 // would otherwise read as due forever, so it only counts again MaxIdle after that sweep.
 func (t *Timer) untilDue(n store.NextDue, ref, lastSweep, lastSweepDB time.Time) time.Duration {
-	elapsed := time.Since(ref)
+	elapsed := t.now().Sub(ref)
 	delay := t.cfg.MaxIdle
 	for _, at := range []*time.Time{n.Wake, n.LeaseExpiry} {
 		if at != nil {
@@ -301,7 +309,7 @@ func (t *Timer) untilDue(n store.NextDue, ref, lastSweep, lastSweepDB time.Time)
 	}
 	if n.Stale != nil {
 		if !lastSweep.IsZero() && !n.Stale.After(lastSweepDB) {
-			delay = min(delay, time.Until(lastSweep.Add(t.cfg.MaxIdle)))
+			delay = min(delay, lastSweep.Add(t.cfg.MaxIdle).Sub(t.now()))
 		} else {
 			delay = min(delay, n.Stale.Sub(n.DBNow)-elapsed)
 		}
@@ -313,7 +321,7 @@ func (t *Timer) untilDue(n store.NextDue, ref, lastSweep, lastSweepDB time.Time)
 // database-clock times; n.DBNow and ref translate them to a local deadline. False means
 // Stop.
 func (t *Timer) wait(delay time.Duration, n store.NextDue, ref time.Time) bool {
-	deadline := time.Now().Add(delay)
+	deadline := t.now().Add(delay)
 	tm := time.NewTimer(delay)
 	defer tm.Stop()
 	for {
@@ -329,11 +337,14 @@ func (t *Timer) wait(delay time.Duration, n store.NextDue, ref time.Time) bool {
 			}
 			if local := ref.Add(at.Sub(n.DBNow)); local.Before(deadline) {
 				deadline = local
-				tm.Reset(time.Until(deadline))
+				tm.Reset(deadline.Sub(t.now()))
 			}
 		}
 	}
 }
+
+// now reads the timer's clock. Every local moment the timer keeps is such a reading.
+func (t *Timer) now() time.Time { return t.cfg.Clock.Now() }
 
 // sleep waits d or until Stop; false means Stop.
 func (t *Timer) sleep(d time.Duration) bool {
