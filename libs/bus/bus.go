@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 	"time"
 
@@ -306,6 +307,10 @@ func DecodeTask(data []byte) (wire.Task, error) {
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&t); err != nil {
 		return t, wire.Errorf(wire.ErrInvalidArgument, "task message is not a task: %v", err)
+	}
+	// Decode stops after the first value: a task followed by anything is not a task.
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return wire.Task{}, wire.Errorf(wire.ErrInvalidArgument, "task message has data after the task")
 	}
 	if !wire.ValidRunID(t.RunID) || t.DispatchSeq <= 0 {
 		return t, wire.Errorf(wire.ErrInvalidArgument, "task message has run_id %q dispatch_seq %d", t.RunID, t.DispatchSeq)
