@@ -321,19 +321,20 @@ func (rc *runContext) waitLocally(d time.Duration) {
 // park records the sleep and the SLEEPING status in one fenced statement, then unwinds:
 // the timer will queue the run again at its wake time.
 func (rc *runContext) park(key string, seq int, d time.Duration, until *time.Time) {
-	var wakeAt time.Time
+	var wakeAt time.Time // set once the sleep committed; a failed retry must not reset it
 	err := rc.w.retryWrite(rc, func(ctx context.Context) error {
-		var err error
-		wakeAt, err = rc.w.store.RunSleep(ctx, store.RunSleepParams{FencedParams: rc.fenced(), StepKey: key, Seq: seq,
+		at, err := rc.w.store.RunSleep(ctx, store.RunSleepParams{FencedParams: rc.fenced(), StepKey: key, Seq: seq,
 			Duration: d, Until: until})
-		if err == nil {
-			err = failpoint.Inject(failpoint.SleepAfterCommitBeforeRelease)
-			if err != nil {
-				// The sleep is recorded; an ambiguous answer must not park the run twice.
-				until, d = &wakeAt, 0
-			}
+		if err != nil {
+			return err
 		}
-		return err
+		wakeAt = at
+		if err := failpoint.Inject(failpoint.SleepAfterCommitBeforeRelease); err != nil {
+			// The sleep is recorded; an ambiguous answer must not park the run twice.
+			until, d = &wakeAt, 0
+			return err
+		}
+		return nil
 	})
 	if errors.Is(err, wire.ErrLeaseLost) && !wakeAt.IsZero() {
 		err = nil // our own committed sleep, seen again after an ambiguous answer

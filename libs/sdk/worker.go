@@ -468,14 +468,22 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 		return
 	}
 	claimSent := w.cfg.Clock.Now()
-	res, done := w.claims.Do(store.ClaimRequest{RunID: task.RunID, DispatchSeq: task.DispatchSeq, Workflow: def.Name()})
+	req := store.ClaimRequest{RunID: task.RunID, DispatchSeq: task.DispatchSeq, Workflow: def.Name()}
+	res, done := w.claims.Do(req)
 	run, ok, err := res.Run, res.OK, res.Err
 	if !done {
 		err = errWorkerStopped
 	}
+	if err == nil && ok {
+		// commit_then_error: the claim committed and its answer is lost.
+		err = failpoint.Inject(failpoint.ClaimAfterCommitBeforeAck)
+	}
+	if err != nil && !errors.Is(err, errWorkerStopped) {
+		run, ok, claimSent, err = w.recheckClaim(req, err)
+	}
 	if err != nil {
-		// Not claimed, or claimed ambiguously: either way the lease sweep or a redelivery
-		// brings the run back.
+		// Not claimed, or not known to be: a redelivery claims it, or, had the claim
+		// taken after all, the lease sweep brings the run back.
 		w.log.Warn("claim run", "run_id", task.RunID, "error", err)
 		_ = msg.NakWithDelay(time.Second)
 		return
@@ -485,15 +493,49 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 		_ = msg.Ack()
 		return
 	}
-	if err := failpoint.Inject(failpoint.ClaimAfterCommitBeforeAck); err != nil {
-		// Claimed but not run: the lease lapses and the timer queues the run again.
-		_ = msg.NakWithDelay(time.Second)
-		return
-	}
 	_ = msg.Ack()
 	w.metrics.claimed.Add(1)
 	w.hintLease(run.LeaseExpiresAt)
 	w.execute(def, run, claimSent)
+}
+
+// recheckClaim settles a claim that came back with an error. The claim may have committed
+// all the same (the connection lost during the commit, say): then the run is RUNNING
+// under this worker's lease with nobody running it, and would wait for the lease to
+// lapse and lose an attempt for a fault that was never its own. The database says which:
+// it is asked until it answers, while such a lease would still be worth having. A run
+// held already goes on here; leaseFrom is a reading of the worker's clock that, plus the
+// lease, is no later than the lease the database holds for it.
+func (w *Worker) recheckClaim(req store.ClaimRequest, cause error) (run store.ClaimedRun, ok bool, leaseFrom time.Time, err error) {
+	deadline := w.cfg.Clock.Now().Add(w.cfg.Lease / 2)
+	b := newBackoff(20*time.Millisecond, time.Second)
+	for {
+		sent := w.cfg.Clock.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), max(deadline.Sub(sent), 100*time.Millisecond))
+		run, held, err := w.store.RunClaimRecheck(ctx, w.cfg.Namespace, w.cfg.ID, req)
+		cancel()
+		switch {
+		case err == nil && !held:
+			return run, false, sent, fmt.Errorf("claim did not take: %w", cause)
+		case err == nil && w.executing(run.ID, run.Fence):
+			// A twin doorbell of the same dispatch settled it first and runs it.
+			return run, false, sent, nil
+		case err == nil:
+			w.log.Info("claim confirmed after an ambiguous answer", "run_id", req.RunID, "error", cause)
+			return run, true, sent.Add(run.LeaseExpiresAt.Sub(run.DBNow) - w.cfg.Lease), nil
+		case !w.cfg.Clock.Now().Before(deadline):
+			return run, false, sent, fmt.Errorf("claim unsettled: %w (re-check: %v)", cause, err)
+		}
+		b.wait(context.Background())
+	}
+}
+
+// executing says whether this worker runs the run under this fence right now.
+func (w *Worker) executing(id wire.RunID, fence int64) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	rc := w.held[id]
+	return rc != nil && rc.run.Fence == fence
 }
 
 // execute replays a claimed run to its next stopping point.
@@ -514,6 +556,12 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 	rc.confirmLease(claimSent)
 	w.mu.Lock()
 	if old := w.held[run.ID]; old != nil {
+		if old.run.Fence == run.Fence {
+			// One claim settled twice (twin doorbells, both answered ambiguously): it is
+			// being run already.
+			w.mu.Unlock()
+			return
+		}
 		old.loseLease() // its claim is superseded: stop it at its next SDK call
 	}
 	w.held[run.ID] = rc

@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -128,6 +129,46 @@ func (s *Store) RunsClaim(ctx context.Context, namespace, owner string, lease ti
 		out[i] = ClaimResult{Run: *run, OK: true}
 	}
 	return out
+}
+
+// A claim is the only way a run becomes RUNNING under one owner for one dispatch: every
+// later dispatch of the run has a higher dispatch_seq. Primary-key read.
+const runClaimRecheckSQL = `
+SELECT version, input, attempt, max_attempts, fence, now(), lease_expires_at FROM workflow_runs
+WHERE id = $1 AND dispatch_seq = $2 AND workflow = $3 AND namespace = $4
+  AND status = 'RUNNING' AND lease_owner = $5 AND lease_expires_at > now()`
+
+// RunClaimRecheck settles a claim whose answer was lost (an error came back, yet the
+// statement may have committed). ok: the claim took and owner still holds the run, which
+// is returned as RunsClaim would have returned it, steps included; its DBNow and
+// LeaseExpiresAt are the database's now and the lease as they stand. Not ok: the claim
+// did not take, or the run has moved on since.
+func (s *Store) RunClaimRecheck(ctx context.Context, namespace, owner string, r ClaimRequest) (run ClaimedRun, ok bool, err error) {
+	b := &pgx.Batch{}
+	b.Queue(runClaimRecheckSQL, r.RunID, r.DispatchSeq, r.Workflow, namespace, owner)
+	b.Queue(stepsLoadSQL, r.RunID)
+	br := s.db.SendBatch(ctx, b)
+	defer br.Close()
+
+	run = ClaimedRun{ID: r.RunID, Namespace: namespace, Workflow: r.Workflow}
+	err = br.QueryRow().Scan(&run.Version, &run.Input, &run.Attempt, &run.MaxAttempts, &run.Fence, &run.DBNow, &run.LeaseExpiresAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return ClaimedRun{}, false, nil
+	}
+	if err != nil {
+		return ClaimedRun{}, false, fmt.Errorf("re-check claim of run %s: %w", r.RunID, err)
+	}
+	rows, err := br.Query()
+	if err != nil {
+		return ClaimedRun{}, false, fmt.Errorf("load steps of run %s: %w", r.RunID, err)
+	}
+	if run.Steps, err = scanSteps(rows); err != nil {
+		return ClaimedRun{}, false, fmt.Errorf("load steps of run %s: %w", r.RunID, err)
+	}
+	if err := br.Close(); err != nil {
+		return ClaimedRun{}, false, fmt.Errorf("re-check claim of run %s: %w", r.RunID, err)
+	}
+	return run, true, nil
 }
 
 // Each row is inserted only if its run is RUNNING under the writer's fence, with the run

@@ -114,3 +114,47 @@ func TestRunsInsertBatch(t *testing.T) {
 		t.Fatalf("id collision: %+v / %+v", res[0], res[1])
 	}
 }
+
+func TestRunClaimRecheck(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	ctx := context.Background()
+	d := insertRun(t, s, "recheck").Dispatch
+	req := store.ClaimRequest{RunID: d.RunID, DispatchSeq: d.DispatchSeq, Workflow: d.Workflow}
+	recheck := func(owner string, r store.ClaimRequest) (store.ClaimedRun, bool) {
+		t.Helper()
+		run, ok, err := s.RunClaimRecheck(ctx, "default", owner, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return run, ok
+	}
+	if _, ok := recheck("exec", req); ok {
+		t.Fatalf("a claim that never ran is confirmed")
+	}
+	claimed := s.RunsClaim(ctx, "default", "exec", time.Minute, []store.ClaimRequest{req})[0]
+	if !claimed.OK {
+		t.Fatalf("claim = %+v", claimed)
+	}
+	fp := store.FencedParams{RunID: d.RunID, Fence: claimed.Run.Fence}
+	if err := s.StepsInsert(ctx, []store.StepInsertParams{{FencedParams: fp, Key: "s", Kind: wire.StepKindStep, Output: []byte(`1`)}})[0]; err != nil {
+		t.Fatal(err)
+	}
+	run, ok := recheck("exec", req)
+	if !ok || run.Fence != claimed.Run.Fence || run.Attempt != 1 || string(run.Input) != `{"a":1}` || len(run.Steps) != 1 ||
+		run.Workflow != "wf" || run.Namespace != "default" || !run.LeaseExpiresAt.After(run.DBNow) {
+		t.Fatalf("recheck of the owner's claim = %+v, %v", run, ok)
+	}
+	if _, ok := recheck("other", req); ok {
+		t.Fatalf("another owner's claim is confirmed")
+	}
+	if _, ok := recheck("exec", store.ClaimRequest{RunID: d.RunID, DispatchSeq: d.DispatchSeq + 1, Workflow: d.Workflow}); ok {
+		t.Fatalf("a claim of another dispatch is confirmed")
+	}
+	if err := s.RunsComplete(ctx, []store.CompleteRequest{{FencedParams: fp, Output: []byte(`1`)}})[0]; err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := recheck("exec", req); ok {
+		t.Fatalf("a claim of a finished run is confirmed")
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"os"
 	"os/signal"
 	"strconv"
@@ -53,7 +54,9 @@ func run() error {
 		return fmt.Errorf("connect worker pool: %w", err)
 	}
 	defer pool.Close()
-	effects, err := store.Connect(ctx, os.Getenv("DATABASE_URL"), 8)
+	// The oracle's pool is named apart from the worker's, which takes its application_name
+	// from DATABASE_URL: a test that drops the services' connections leaves it alone.
+	effects, err := store.Connect(ctx, withAppName(os.Getenv("DATABASE_URL"), oracleAppName), 8)
 	if err != nil {
 		return fmt.Errorf("connect effects pool: %w", err)
 	}
@@ -126,6 +129,23 @@ func writeStats(pool *pgxpool.Pool, s sdk.WorkerStats) bool {
 		return false
 	}
 	return true
+}
+
+// oracleAppName is the application_name of the connections that write the oracle tables
+// and the worker stats.
+const oracleAppName = "battery-oracle"
+
+// withAppName sets a PostgreSQL URL's application_name; a URL it cannot parse is
+// returned unchanged, for store.Connect to report.
+func withAppName(dbURL, name string) string {
+	u, err := url.Parse(dbURL)
+	if err != nil {
+		return dbURL
+	}
+	q := u.Query()
+	q.Set("application_name", name)
+	u.RawQuery = q.Encode()
+	return u.String()
 }
 
 func envOr(k, def string) string {
