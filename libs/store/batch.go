@@ -208,21 +208,7 @@ func (s *Store) StepsInsert(ctx context.Context, ps []StepInsertParams) []error 
 	}
 	out := make([]error, len(ps))
 	n := len(ps)
-	ids, fences, keys := make([]string, n), make([]int64, n), make([]string, n)
-	seqs, kinds, statuses := make([]int32, n), make([]string, n), make([]string, n)
-	outputs, errs, attempts := make([][]byte, n), make([]string, n), make([]int32, n)
-	for i, p := range ps {
-		if p.Status == "" {
-			p.Status = "COMPLETED"
-		}
-		if p.Attempt <= 0 {
-			p.Attempt = 1
-		}
-		ids[i], fences[i], keys[i] = p.RunID, p.Fence, p.Key
-		seqs[i], kinds[i], statuses[i] = int32(p.Seq), string(p.Kind), p.Status
-		outputs[i], errs[i], attempts[i] = p.Output, p.Error, int32(p.Attempt)
-	}
-	rows, err := s.db.Query(ctx, stepsInsertSQL, ids, fences, keys, seqs, kinds, statuses, outputs, errs, attempts)
+	rows, err := s.db.Query(ctx, stepsInsertSQL, stepsInsertArgs(ps)...)
 	if err != nil {
 		for i := range out {
 			out[i] = fmt.Errorf("record %d steps: %w", n, err)
@@ -258,10 +244,34 @@ func (s *Store) StepsInsert(ctx context.Context, ps []StepInsertParams) []error 
 	return out
 }
 
+// stepsInsertArgs are stepsInsertSQL's column arrays.
+func stepsInsertArgs(ps []StepInsertParams) []any {
+	n := len(ps)
+	ids, fences, keys := make([]string, n), make([]int64, n), make([]string, n)
+	seqs, kinds, statuses := make([]int32, n), make([]string, n), make([]string, n)
+	outputs, errs, attempts := make([][]byte, n), make([]string, n), make([]int32, n)
+	for i, p := range ps {
+		if p.Status == "" {
+			p.Status = "COMPLETED"
+		}
+		if p.Attempt <= 0 {
+			p.Attempt = 1
+		}
+		ids[i], fences[i], keys[i] = p.RunID, p.Fence, p.Key
+		seqs[i], kinds[i], statuses[i] = int32(p.Seq), string(p.Kind), p.Status
+		outputs[i], errs[i], attempts[i] = p.Output, p.Error, int32(p.Attempt)
+	}
+	return []any{ids, fences, keys, seqs, kinds, statuses, outputs, errs, attempts}
+}
+
 // CompleteRequest is one run's completion.
 type CompleteRequest struct {
 	FencedParams
 	Output []byte
+	// Step, when set, is the run's last step result, recorded in the same transaction:
+	// a workflow that returns right after its last step needs one commit, not two. Its
+	// fence is the completion's.
+	Step *StepInsertParams
 }
 
 const runsCompleteSQL = `
@@ -298,38 +308,72 @@ func (s *Store) RunsComplete(ctx context.Context, reqs []CompleteRequest) []erro
 	}
 	out := make([]error, len(reqs))
 	ids, fences, outputs := make([]string, len(reqs)), make([]int64, len(reqs)), make([][]byte, len(reqs))
+	var steps []StepInsertParams
 	for i, r := range reqs {
 		ids[i], fences[i], outputs[i] = r.RunID, r.Fence, r.Output
+		if r.Step != nil {
+			st := *r.Step
+			st.FencedParams = r.FencedParams
+			steps = append(steps, st)
+		}
 	}
-	rows, err := s.db.Query(ctx, runsCompleteSQL, ids, fences, outputs)
-	if err == nil {
-		var done map[string]bool
-		done, err = collectIDs(rows)
-		if err == nil && len(done) < len(reqs) {
-			// A retry after an ambiguous commit finds its own completion: not an error.
-			rows, err = s.db.Query(ctx, runsCompletedByFenceSQL, ids, fences)
-			if err == nil {
-				var already map[string]bool
-				if already, err = collectIDs(rows); err == nil {
-					for id := range already {
-						done[id] = true
-					}
+	var done map[string]bool
+	var err error
+	if len(steps) == 0 {
+		var rows pgx.Rows
+		if rows, err = s.db.Query(ctx, runsCompleteSQL, ids, fences, outputs); err == nil {
+			done, err = collectIDs(rows)
+		}
+	} else {
+		done, err = s.completeWithSteps(ctx, steps, ids, fences, outputs)
+	}
+	if err == nil && len(done) < len(reqs) {
+		// A retry after an ambiguous commit finds its own completion: not an error.
+		var rows pgx.Rows
+		if rows, err = s.db.Query(ctx, runsCompletedByFenceSQL, ids, fences); err == nil {
+			var already map[string]bool
+			if already, err = collectIDs(rows); err == nil {
+				for id := range already {
+					done[id] = true
 				}
 			}
 		}
-		if err == nil {
-			for i, r := range reqs {
-				if !done[r.RunID] {
-					out[i] = fmt.Errorf("complete run %s (fence %d): %w", r.RunID, r.Fence, wire.ErrLeaseLost)
-				}
-			}
-			return out
-		}
 	}
-	for i := range out {
-		out[i] = fmt.Errorf("complete %d runs: %w", len(reqs), err)
+	for i, r := range reqs {
+		switch {
+		case err != nil:
+			out[i] = fmt.Errorf("complete %d runs: %w", len(reqs), err)
+		case !done[r.RunID]:
+			out[i] = fmt.Errorf("complete run %s (fence %d): %w", r.RunID, r.Fence, wire.ErrLeaseLost)
+		}
 	}
 	return out
+}
+
+// completeWithSteps records the last steps and completes the runs in one implicit
+// transaction (a pgx batch is one until its Sync). Both statements hold the same fence
+// check, and the step insert locks the run rows FOR SHARE, so no claim comes between
+// them: a run completes here only with its step recorded, now or by an earlier attempt
+// of this very request (ON CONFLICT DO NOTHING), and a run whose fence moved gets
+// neither.
+func (s *Store) completeWithSteps(ctx context.Context, steps []StepInsertParams, ids []string, fences []int64, outputs [][]byte) (map[string]bool, error) {
+	b := &pgx.Batch{}
+	b.Queue(stepsInsertSQL, stepsInsertArgs(steps)...)
+	b.Queue(runsCompleteSQL, ids, fences, outputs)
+	br := s.db.SendBatch(ctx, b)
+	defer br.Close()
+	if _, err := br.Exec(); err != nil {
+		return nil, err
+	}
+	rows, err := br.Query()
+	if err != nil {
+		return nil, err
+	}
+	done, err := collectIDs(rows)
+	if err != nil {
+		return nil, err
+	}
+	return done, br.Close()
 }
 
 // laterOfSameRun marks the requests whose run already appeared earlier in the batch; nil

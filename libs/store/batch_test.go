@@ -158,3 +158,51 @@ func TestRunClaimRecheck(t *testing.T) {
 		t.Fatalf("a claim of a finished run is confirmed")
 	}
 }
+
+// A completion that carries the run's last step records both in one transaction, or
+// neither: a zombie's (stale fence) gets ErrLeaseLost and writes no step, and a retry of
+// a completion that committed (an ambiguous answer) succeeds without a second row.
+func TestCompleteWithLastStep(t *testing.T) {
+	t.Parallel()
+	s, pool := newStore(t)
+	ctx := context.Background()
+	var reqs []store.ClaimRequest
+	for _, k := range []string{"last-a", "last-b", "last-c"} {
+		d := insertRun(t, s, k).Dispatch
+		reqs = append(reqs, store.ClaimRequest{RunID: d.RunID, DispatchSeq: d.DispatchSeq, Workflow: d.Workflow})
+	}
+	res := s.RunsClaim(ctx, "default", "exec", time.Minute, reqs)
+	comps := make([]store.CompleteRequest, len(res))
+	for i, r := range res {
+		if !r.OK {
+			t.Fatalf("claim %d: %+v", i, r)
+		}
+		comps[i] = store.CompleteRequest{FencedParams: store.FencedParams{RunID: r.Run.ID, Fence: r.Run.Fence}, Output: []byte(`"done"`),
+			Step: &store.StepInsertParams{Key: "last", Seq: 0, Kind: wire.StepKindStep, Output: []byte(`3`)}}
+	}
+	comps[1].Fence = 9 // a zombie's
+	comps[2].Step = nil
+	errs := s.RunsComplete(ctx, comps)
+	if errs[0] != nil || !errors.Is(errs[1], wire.ErrLeaseLost) || errs[2] != nil {
+		t.Fatalf("complete errs = %v", errs)
+	}
+	if again := s.RunsComplete(ctx, comps[:1]); again[0] != nil {
+		t.Fatalf("retried completion: %v", again[0])
+	}
+	for i, want := range []struct {
+		status string
+		steps  int
+	}{{"COMPLETED", 1}, {"RUNNING", 0}, {"COMPLETED", 0}} {
+		var status string
+		var steps int
+		err := pool.QueryRow(ctx, `SELECT status, (SELECT count(*) FROM step_runs WHERE run_id = $1) FROM workflow_runs WHERE id = $1`,
+			res[i].Run.ID).Scan(&status, &steps)
+		if err != nil || status != want.status || steps != want.steps {
+			t.Errorf("run %d: %s with %d steps (%v), want %s with %d", i, status, steps, err, want.status, want.steps)
+		}
+	}
+	var out []byte
+	if err := pool.QueryRow(ctx, `SELECT output FROM step_runs WHERE run_id = $1 AND step_key = 'last'`, res[0].Run.ID).Scan(&out); err != nil || string(out) != `3` {
+		t.Fatalf("last step output = %q, %v", out, err)
+	}
+}

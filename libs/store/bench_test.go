@@ -99,7 +99,8 @@ func benchSteps(b *testing.B, batch int) {
 func BenchmarkStepsInsert1(b *testing.B)  { benchSteps(b, 1) }
 func BenchmarkStepsInsert64(b *testing.B) { benchSteps(b, 64) }
 
-func benchComplete(b *testing.B, batch int) {
+// benchComplete measures completions; withStep: each carries the run's last step.
+func benchComplete(b *testing.B, batch int, withStep bool) {
 	s := benchStore(b)
 	ctx := context.Background()
 	b.ResetTimer()
@@ -107,7 +108,11 @@ func benchComplete(b *testing.B, batch int) {
 	for range b.N {
 		var reqs []store.CompleteRequest
 		for _, r := range s.RunsClaim(ctx, "default", "bench", time.Hour, seedQueued(b, s, batch)) {
-			reqs = append(reqs, store.CompleteRequest{FencedParams: store.FencedParams{RunID: r.Run.ID, Fence: r.Run.Fence}, Output: []byte(`3`)})
+			req := store.CompleteRequest{FencedParams: store.FencedParams{RunID: r.Run.ID, Fence: r.Run.Fence}, Output: []byte(`3`)}
+			if withStep {
+				req.Step = &store.StepInsertParams{Key: "last", Kind: wire.StepKindStep, Output: []byte(`{"i":3}`)}
+			}
+			reqs = append(reqs, req)
 		}
 		b.StartTimer()
 		for _, err := range s.RunsComplete(ctx, reqs) {
@@ -120,5 +125,7 @@ func benchComplete(b *testing.B, batch int) {
 	b.ReportMetric(float64(batch), "runs/op")
 }
 
-func BenchmarkRunsComplete1(b *testing.B)  { benchComplete(b, 1) }
-func BenchmarkRunsComplete64(b *testing.B) { benchComplete(b, 64) }
+func BenchmarkRunsComplete1(b *testing.B)          { benchComplete(b, 1, false) }
+func BenchmarkRunsComplete64(b *testing.B)         { benchComplete(b, 64, false) }
+func BenchmarkRunsCompleteLastStep1(b *testing.B)  { benchComplete(b, 1, true) }
+func BenchmarkRunsCompleteLastStep64(b *testing.B) { benchComplete(b, 64, true) }
