@@ -47,6 +47,13 @@ type runContext struct {
 	seen       map[string]int // occurrences of each user key
 	stateBytes int
 
+	// pending is the last step result, its body run and its record not yet written. It
+	// is written at the run's next durable act (a step body, a sleep, a failure), or with
+	// the completion itself when the workflow returns right after that step: between the
+	// body and that act only deterministic workflow code runs, which nothing outside the
+	// run can observe, and a workflow that ends with a step commits once instead of twice.
+	pending *store.StepInsertParams
+
 	// leaseUntil is the monotonic deadline of the lease as last confirmed by the database
 	// (send time of the confirming statement + lease). Past it the executor must assume
 	// another one holds the run and start no step body: self-fencing without trusting
@@ -147,6 +154,7 @@ func (rc *runContext) step(userKey string, kind wire.StepKind, timeout time.Dura
 	if rc.replayOnly {
 		panic(unwind{reason: unwindHistoryEnd})
 	}
+	rc.flushPending()
 	rc.checkNewStep(key, seq)
 
 	plain, err := rc.runBody(key, timeout, body)
@@ -165,12 +173,32 @@ func (rc *runContext) step(userKey string, kind wire.StepKind, timeout time.Dura
 		panic(unwind{reason: unwindTerminal, err: wire.Errorf(wire.ErrPayloadTooLarge,
 			"run state would reach %d bytes, over the limit of %d", rc.stateBytes+len(out), rc.w.cfg.Limits.MaxRunStateBytes)})
 	}
-	err = rc.w.retryWrite(rc, func(context.Context) error {
+	rc.pending = &store.StepInsertParams{FencedParams: rc.fenced(), Key: key, Seq: seq,
+		Kind: kind, Output: out, Attempt: rc.run.Attempt}
+	rc.stateBytes += len(out)
+	return plain, nil
+}
+
+// flushPending writes the pending step record, if any, before the run goes on to a
+// durable act; a write that cannot be made stops the run here.
+func (rc *runContext) flushPending() {
+	if err := rc.writePending(); err != nil {
+		rc.stopOnWriteError(err)
+	}
+}
+
+// writePending writes the pending step record, if any, under the fence.
+func (rc *runContext) writePending() error {
+	p := rc.pending
+	if p == nil {
+		return nil
+	}
+	rc.pending = nil
+	err := rc.w.retryWrite(rc, func(context.Context) error {
 		if err := failpoint.Inject(failpoint.StepAfterBodyBeforeCommit); err != nil {
 			return err
 		}
-		err, ok := rc.w.steps.Do(store.StepInsertParams{FencedParams: rc.fenced(), Key: key, Seq: seq,
-			Kind: kind, Output: out, Attempt: rc.run.Attempt})
+		err, ok := rc.w.steps.Do(*p)
 		if !ok {
 			return errWorkerStopped
 		}
@@ -184,12 +212,10 @@ func (rc *runContext) step(userKey string, kind wire.StepKind, timeout time.Dura
 		}
 		return err
 	})
-	if err != nil {
-		rc.stopOnWriteError(err)
+	if err == nil {
+		rc.w.metrics.stepsRecorded.Add(1)
 	}
-	rc.stateBytes += len(out)
-	rc.w.metrics.stepsRecorded.Add(1)
-	return plain, nil
+	return err
 }
 
 // runBody calls a step body with the step's idempotency key in its context, turning a
@@ -272,6 +298,7 @@ func (rc *runContext) sleep(userKey string, d time.Duration, until *time.Time) e
 	if rc.replayOnly {
 		panic(unwind{reason: unwindHistoryEnd})
 	}
+	rc.flushPending()
 	rc.checkNewStep(key, seq)
 	remaining := d
 	if until != nil {

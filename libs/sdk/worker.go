@@ -619,11 +619,22 @@ func (w *Worker) invoke(rc *runContext) (out []byte, u *unwind, err error) {
 	return out, nil, err
 }
 
+// finishCompleted completes the run, with its pending last step in the same commit.
 func (w *Worker) finishCompleted(rc *runContext, out []byte) {
+	last := rc.pending
+	rc.pending = nil
 	err := w.retryWrite(rc, func(context.Context) error {
-		err, ok := w.completes.Do(store.CompleteRequest{FencedParams: rc.fenced(), Output: out})
+		if last != nil {
+			if err := failpoint.Inject(failpoint.StepAfterBodyBeforeCommit); err != nil {
+				return err
+			}
+		}
+		err, ok := w.completes.Do(store.CompleteRequest{FencedParams: rc.fenced(), Output: out, Step: last})
 		if !ok {
 			return errWorkerStopped
+		}
+		if err == nil && last != nil {
+			err = failpoint.Inject(failpoint.StepAfterCommit)
 		}
 		if err == nil {
 			err = failpoint.Inject(failpoint.CompleteAfterCommitBeforeNote)
@@ -633,6 +644,9 @@ func (w *Worker) finishCompleted(rc *runContext, out []byte) {
 	if err != nil {
 		w.noteWriteError(rc, "complete run", err)
 		return
+	}
+	if last != nil {
+		w.metrics.stepsRecorded.Add(1)
 	}
 	w.metrics.completed.Add(1)
 	w.bus.PublishDone(rc.run.ID, wire.StatusCompleted)
@@ -647,6 +661,11 @@ func (w *Worker) finishFailed(rc *runContext, cause error, retry bool) {
 	msg := cause.Error()
 	if len(msg) > 8<<10 {
 		msg = msg[:8<<10] + "…"
+	}
+	// The step before the failure ran: its record must not be lost with the attempt.
+	if err := rc.writePending(); err != nil {
+		w.noteWriteError(rc, "record step before failing run", err)
+		return
 	}
 	stored := w.pl.sealText(msg, adError(rc.run.ID))
 	if w.pl.enabled() {

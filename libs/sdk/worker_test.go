@@ -436,3 +436,61 @@ func TestReplayDetectsAReorderedHistory(t *testing.T) {
 		t.Fatalf("replay ran %d step bodies, want 0", bodies.Load())
 	}
 }
+
+// A step's record is written at the run's next durable act. A workflow that returns
+// right after its last step records it in the completion's own transaction (one commit
+// per run fewer); one that fails right after a step still keeps that step, so the retry
+// does not run its body again.
+func TestLastStepCommitsWithTheCompletion(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	var bodies, flakyBodies atomic.Int32
+	three := sdk.Workflow("three", func(ctx sdk.Context, _ struct{}) (int, error) {
+		sum := 0
+		for i := range 3 {
+			v, err := sdk.Step(ctx, "s", func(context.Context) (int, error) { bodies.Add(1); return i + 1, nil })
+			if err != nil {
+				return 0, err
+			}
+			sum += v
+		}
+		return sum, nil
+	})
+	failsAfterStep := sdk.Workflow("fails-after-step", func(ctx sdk.Context, _ struct{}) (int, error) {
+		v, err := sdk.Step(ctx, "once", func(context.Context) (int, error) { flakyBodies.Add(1); return 7, nil })
+		if err != nil {
+			return 0, err
+		}
+		if ctx.Attempt() < 2 {
+			return 0, errors.New("fails once after its step")
+		}
+		return v, nil
+	})
+	e.worker(t, []sdk.Registration{three, failsAfterStep}, func(c *sdk.WorkerConfig) { c.RetryBackoff = time.Millisecond })
+	run, err := three.Start(ctxT(t), e.client(), struct{}{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := run.Result(ctxT(t)); err != nil || got != 6 || bodies.Load() != 3 {
+		t.Fatalf("result = %d, %v after %d bodies; want 6 after 3", got, err, bodies.Load())
+	}
+	// xmin names the transaction that wrote a row version.
+	var sameTx, earlierSteps int
+	err = e.pool.QueryRow(ctxT(t), `SELECT
+	    count(*) FILTER (WHERE s.xmin = r.xmin), count(*) FILTER (WHERE s.xmin <> r.xmin)
+	  FROM step_runs s JOIN workflow_runs r ON r.id = s.run_id WHERE r.id = $1`, run.ID).Scan(&sameTx, &earlierSteps)
+	if err != nil || sameTx != 1 || earlierSteps != 2 {
+		t.Fatalf("steps committed with the completion: %d, before it: %d (%v); want 1 and 2", sameTx, earlierSteps, err)
+	}
+
+	frun, err := failsAfterStep.Start(ctxT(t), e.client(), struct{}{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := frun.Result(ctxT(t)); err != nil || got != 7 {
+		t.Fatalf("result = %d, %v; want 7 on the second attempt", got, err)
+	}
+	if n := flakyBodies.Load(); n != 1 {
+		t.Fatalf("the step before the failure ran %d times, want 1", n)
+	}
+}
