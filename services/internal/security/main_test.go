@@ -1,9 +1,10 @@
 // Package security is the security battery (BATTERY.md b.2) of the gate tier: S01 NATS
 // authentication and least privilege under the shipped deploy/nats config, S03 hostile
-// identifiers, S04 oversized payloads and S06 PostgreSQL least privilege under the
-// shipped deploy/postgres roles. Every test runs against real PostgreSQL and real NATS
-// servers (child processes where the shipped configuration is under test); the files in
-// deploy/ are used as they ship, never copied or rewritten.
+// identifiers, S04 oversized payloads, S06 PostgreSQL least privilege under the
+// shipped deploy/postgres roles and S07 payload encryption at rest. Every test runs
+// against real PostgreSQL and real NATS servers (child processes where the shipped
+// configuration is under test); the files in deploy/ are used as they ship, never
+// copied or rewritten.
 package security
 
 import (
@@ -35,6 +36,7 @@ func TestMain(m *testing.M) {
 		"github.com/kagzi/kagzi/services/scheduler",
 		"github.com/kagzi/kagzi/services/timer",
 		"github.com/kagzi/kagzi/services/executor",
+		"github.com/kagzi/kagzi/services/internal/security/sealedexec",
 		"github.com/nats-io/nats-server/v2",
 		"github.com/nats-io/nkeys/nk")
 	if err != nil {
