@@ -20,7 +20,7 @@ import (
 //   - v1 is inside a long step body (step 2, held on a latch the test releases during
 //     the partition; A sees the release only after the heal, its latch poll being cut off
 //     too). Its result can only be written after the heal, under a lease long gone.
-//   - v2 is in a sleep A waits out in process (6 s, recorded before the partition). When
+//   - v2 is in a sleep A waits out in process (7 s, recorded before the partition). When
 //     it ends, nothing but A's own monotonic clock tells A that its lease lapsed: no
 //     write stands between the sleep and step 2's body.
 //
@@ -36,7 +36,7 @@ func TestT10PartitionedExecutorSelfFences(t *testing.T) {
 	}
 	const (
 		partition = 8 * time.Second
-		napMS     = 6000
+		napMS     = 7000
 		afterHeal = 3 // runs A must complete once healed
 	)
 	sum := newSummary(t, fmt.Sprintf("2 runs held by A across an %s A↔PG blackhole, lease 2 s; then %d runs on A alone", partition, afterHeal))
