@@ -284,8 +284,15 @@ func (b *Bus) PublishTasks(ctx context.Context, bells []Doorbell) error {
 
 // PublishDone announces a terminal run on core NATS. Best effort: waiters fall back to
 // reading PostgreSQL.
-func (b *Bus) PublishDone(runID wire.RunID, status wire.Status) {
-	data, _ := json.Marshal(wire.RunDone{RunID: runID, Status: status})
+// A result whose output is over wire.DoneInlineMax, or is not JSON, is left out.
+func (b *Bus) PublishDone(runID wire.RunID, status wire.Status, res *wire.RunResult) {
+	if res != nil && len(res.Output)+len(res.Error) > wire.DoneInlineMax {
+		res = nil
+	}
+	data, err := json.Marshal(wire.RunDone{RunID: runID, Status: status, Result: res})
+	if err != nil {
+		data, _ = json.Marshal(wire.RunDone{RunID: runID, Status: status})
+	}
 	_ = b.nc.Publish(wire.DoneSubject(runID), data)
 }
 

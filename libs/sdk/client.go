@@ -81,7 +81,7 @@ func (d *WorkflowDef[I, O]) Start(ctx context.Context, c *Client, in I, opts ...
 // CANCELLED gives a *RunFailedError.
 func (r *Run[O]) Result(ctx context.Context) (O, error) {
 	var out O
-	info, err := r.client.Wait(ctx, r.ID)
+	info, err := r.client.wait(ctx, r.ID, true)
 	if err != nil {
 		return out, err
 	}
@@ -209,29 +209,46 @@ func (c *Client) openRun(r *RunInfo) {
 	if !c.pl.enabled() || r == nil {
 		return
 	}
-	open := func(b []byte, ad []byte) []byte {
-		if len(b) == 0 {
-			return b
-		}
-		if plain, err := c.pl.open(b, ad); err == nil {
-			return plain
-		}
-		return b
-	}
-	r.Input = open(r.Input, adInput(r.ID))
-	r.Output = open(r.Output, adOutput(r.ID))
-	r.Error = c.pl.openText(r.Error, adError(r.ID))
+	r.Input = c.openPayload(r.Input, adInput(r.ID))
+	c.openOutcome(r)
 	for i := range r.Steps {
 		if r.Steps[i].Kind == wire.StepKindStep {
-			r.Steps[i].Output = open(r.Steps[i].Output, adStep(r.ID, r.Steps[i].Key))
+			r.Steps[i].Output = c.openPayload(r.Steps[i].Output, adStep(r.ID, r.Steps[i].Key))
 		}
 	}
+}
+
+// openOutcome decodes a run's sealed output and error in place.
+func (c *Client) openOutcome(r *RunInfo) {
+	if !c.pl.enabled() {
+		return
+	}
+	r.Output = c.openPayload(r.Output, adOutput(r.ID))
+	r.Error = c.pl.openText(r.Error, adError(r.ID))
+}
+
+// openPayload decodes a sealed payload, or returns it as it is when it does not decode.
+func (c *Client) openPayload(b []byte, ad []byte) []byte {
+	if len(b) == 0 {
+		return b
+	}
+	if plain, err := c.pl.open(b, ad); err == nil {
+		return plain
+	}
+	return b
 }
 
 // Wait blocks until the run is finished and returns it. It listens for the run's
 // completion notice and reads the run when one arrives; a missed notice costs at most
 // the slow re-check interval (a few seconds), never a hot poll.
 func (c *Client) Wait(ctx context.Context, runID string) (*RunInfo, error) {
+	return c.wait(ctx, runID, false)
+}
+
+// wait is Wait; outcomeOnly takes the outcome a done notice carries instead of reading
+// the run again (Result needs nothing else), sparing a round trip through a scheduler
+// and the database on the way from the last commit to the caller.
+func (c *Client) wait(ctx context.Context, runID string, outcomeOnly bool) (*RunInfo, error) {
 	notices := make(chan *nats.Msg, 1)
 	sub, err := c.nc.ChanSubscribe(wire.DoneSubject(runID), notices)
 	if err != nil {
@@ -249,7 +266,12 @@ func (c *Client) Wait(ctx context.Context, runID string) (*RunInfo, error) {
 		}
 		t := time.NewTimer(recheck)
 		select {
-		case <-notices:
+		case m := <-notices:
+			if done, ok := outcome(m, info); ok && outcomeOnly {
+				t.Stop()
+				c.openOutcome(done)
+				return done, nil
+			}
 		case <-t.C:
 			recheck = min(recheck*2, 5*time.Second)
 		case <-ctx.Done():
@@ -258,6 +280,20 @@ func (c *Client) Wait(ctx context.Context, runID string) (*RunInfo, error) {
 		}
 		t.Stop()
 	}
+}
+
+// outcome is the run as its done notice reports it, built on what the last read said
+// of it: ok only when the notice names this run, a terminal status and the outcome.
+func outcome(m *nats.Msg, last *RunInfo) (*RunInfo, bool) {
+	var done wire.RunDone
+	if err := json.Unmarshal(m.Data, &done); err != nil || done.Result == nil || done.RunID != last.ID || !done.Status.Terminal() {
+		return nil, false
+	}
+	info := *last
+	info.Status, info.Attempt = done.Status, done.Result.Attempt
+	info.Output, info.Error = done.Result.Output, done.Result.Error
+	info.Steps = nil
+	return &info, true
 }
 
 // request sends a request and decodes the reply, retrying while no scheduler answers

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,6 +28,8 @@ type env struct {
 	nc   *nats.Conn
 	st   *store.Store
 	bus  *bus.Bus
+
+	describes atomic.Int64 // describe requests served
 }
 
 func newEnv(t testing.TB) *env {
@@ -103,6 +106,7 @@ func (e *env) serveStarts() (stop func(), err error) {
 		return nil, err
 	}
 	desc, err := e.nc.Subscribe(wire.DescribeSubject, func(m *nats.Msg) {
+		e.describes.Add(1)
 		var req wire.DescribeRequest
 		_ = json.Unmarshal(m.Data, &req)
 		info, err := e.st.RunGet(context.Background(), req.Namespace, req.RunID)

@@ -494,3 +494,53 @@ func TestLastStepCommitsWithTheCompletion(t *testing.T) {
 		t.Fatalf("the step before the failure ran %d times, want 1", n)
 	}
 }
+
+// Result takes a finished run's outcome from its done notice: one read of the run (made
+// when the wait begins, in case it finished already) and none after the notice, whether
+// the run completed or failed.
+func TestResultTakesTheOutcomeFromTheDoneNotice(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	release := make(chan struct{})
+	slow := sdk.Workflow("slow-echo", func(ctx sdk.Context, in string) (string, error) {
+		return sdk.Step(ctx, "echo", func(context.Context) (string, error) { <-release; return in + "!", nil })
+	})
+	doomed := sdk.Workflow("doomed", func(ctx sdk.Context, _ struct{}) (int, error) {
+		_, err := sdk.Step(ctx, "wait", func(context.Context) (int, error) { <-release; return 0, nil })
+		if err != nil {
+			return 0, err
+		}
+		return 0, sdk.Terminal(errors.New("no way forward"))
+	})
+	e.worker(t, []sdk.Registration{slow, doomed})
+	run, err := slow.Start(ctxT(t), e.client(), "hi")
+	if err != nil {
+		t.Fatal(err)
+	}
+	frun, err := doomed.Start(ctxT(t), e.client(), struct{}{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Both wait before their runs can finish: each reads its run once, then only listens.
+	time.AfterFunc(300*time.Millisecond, func() { close(release) })
+	type res struct {
+		out string
+		err error
+	}
+	done := make(chan res, 2)
+	go func() { out, err := run.Result(ctxT(t)); done <- res{out, err} }()
+	go func() { _, err := frun.Result(ctxT(t)); done <- res{"", err} }()
+	var failed *sdk.RunFailedError
+	for range 2 {
+		r := <-done
+		switch {
+		case r.err == nil && r.out != "hi!":
+			t.Errorf("result = %q, want hi!", r.out)
+		case r.err != nil && (!errors.As(r.err, &failed) || failed.Status != wire.StatusFailed || !strings.Contains(failed.Message, "no way forward")):
+			t.Errorf("failed run: %v", r.err)
+		}
+	}
+	if n := e.describes.Load(); n != 2 {
+		t.Errorf("%d describe requests for two waits, want 2: the outcome comes with the notice", n)
+	}
+}

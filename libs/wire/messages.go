@@ -41,7 +41,22 @@ type Task struct {
 type RunDone struct {
 	RunID  RunID  `json:"run_id"`
 	Status Status `json:"status"`
+	// Result, when present, is the run's outcome as a read would give it, so a waiter
+	// needs no round trip to the database. It is left out when the output is large, or
+	// when the publisher does not have it at hand; the waiter then reads the run.
+	Result *RunResult `json:"result,omitempty"`
 }
+
+// RunResult is a finished run's outcome: its output (COMPLETED) or error (FAILED), as
+// stored, so sealed payloads stay sealed on the wire.
+type RunResult struct {
+	Attempt int             `json:"attempt"`
+	Output  json.RawMessage `json:"output,omitempty"`
+	Error   string          `json:"error,omitempty"`
+}
+
+// DoneInlineMax bounds the output a done notice carries.
+const DoneInlineMax = 16 << 10
 
 // TimerHint tells timers that a run will need them at WakeAt.
 type TimerHint struct {
