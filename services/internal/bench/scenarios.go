@@ -606,6 +606,7 @@ type SleepingScale struct {
 	PeakAsleep      int         `json:"peak_asleep"`
 	StartPhase      Seconds     `json:"start_phase_s"` // first start to the last run parked
 	First           ProcMemory  `json:"at_probe"`      // the probe's 1,000 asleep
+	Quarter         ProcMemory  `json:"at_quarter"`    // a quarter of the sleepers asleep
 	All             ProcMemory  `json:"at_all"`        // every sleeper asleep
 	ExecutorPeakRSS int64       `json:"executor_peak_rss_bytes"`
 	TimerPeakRSS    int64       `json:"timer_peak_rss_bytes"`
@@ -674,7 +675,8 @@ func (b *bencher) runS5(ctx context.Context) error {
 		// park starts n sleepers that all wake at one shared time, which must fall after
 		// the last of them has parked, and waits until they are all asleep (or the wake
 		// time has come: then the report says how many were asleep at once).
-		park := func(ctx context.Context, n int, rate float64, paced bool) (wake time.Time, peak int, took time.Duration, err error) {
+		// progress, if set, hears every count of runs asleep while they park.
+		park := func(ctx context.Context, n int, rate float64, paced bool, progress func(asleep int) error) (wake time.Time, peak int, took time.Duration, err error) {
 			now, err := dbNow(ctx, s.pool)
 			if err != nil {
 				return wake, 0, 0, err
@@ -695,6 +697,9 @@ func (b *bencher) runS5(ctx context.Context) error {
 			err = poll(ctx, exec, 250*time.Millisecond, func(ctx context.Context) (bool, error) {
 				k, err := asleep(ctx)
 				peak = max(peak, k)
+				if err == nil && progress != nil {
+					err = progress(k)
+				}
 				if k >= n {
 					return true, err
 				}
@@ -715,7 +720,7 @@ func (b *bencher) runS5(ctx context.Context) error {
 		// of hanging the bench.
 		pctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 		defer cancel()
-		_, peak, _, err := park(pctx, probe, guess, false)
+		_, peak, _, err := park(pctx, probe, guess, false, nil)
 		if err != nil {
 			return fmt.Errorf("probe: %w", err)
 		}
@@ -762,7 +767,17 @@ FROM workflow_runs r JOIN step_runs z ON z.run_id = r.id AND z.step_key = 'nap'`
 		defer cancel()
 		// Paced at the probe's rate: S5 is about many runs asleep, not about a burst (that
 		// is S1), and a backlog of queued starts would only measure the queue.
-		wake, peak, took, err := park(mctx, n, r.ProbeRate, true)
+		// The executor's memory is compared between a quarter and all of the sleepers
+		// asleep: by a quarter it has run at the full rate for a while (the probe's
+		// burst is a cold start), so what it gains after that is what sleepers cost it.
+		wake, peak, took, err := park(mctx, n, r.ProbeRate, true, func(k int) error {
+			if r.Quarter.Sleepers > 0 || k < n/4 {
+				return nil
+			}
+			var err error
+			r.Quarter, err = snapshot(k)
+			return err
+		})
 		if err != nil {
 			return err
 		}
@@ -815,8 +830,8 @@ FROM workflow_runs r JOIN step_runs z ON z.run_id = r.id AND z.step_key = 'nap'`
 		if ref := b.rep.Reference; ref != nil && ref.EightClients > 0 {
 			r.RatioTo8Clients = r.FinishPerS / ref.EightClients
 		}
-		b.progress("S5: woke and finished %d runs in %.1f s; executor RSS %s at %d sleepers, %s at %d",
-			n, float64(r.WakeToFinish), mib(r.First.Executor), r.First.Sleepers, mib(r.All.Executor), r.All.Sleepers)
+		b.progress("S5: woke and finished %d runs in %.1f s; executor RSS %s at %d sleepers (probe), %s at %d, %s at %d",
+			n, float64(r.WakeToFinish), mib(r.First.Executor), r.First.Sleepers, mib(r.Quarter.Executor), r.Quarter.Sleepers, mib(r.All.Executor), r.All.Sleepers)
 		return nil
 	})
 }
