@@ -21,6 +21,7 @@ var ErrInjected = errors.New("failpoint: injected error")
 // The named points. A test arms them by name; keeping them here makes the list greppable.
 const (
 	StartAfterInsert              = "start.after_insert"
+	ClaimBeforeClaim              = "claim.before_claim"
 	ClaimAfterCommitBeforeAck     = "claim.after_commit_before_ack"
 	StepAfterBodyBeforeCommit     = "step.after_body_before_commit"
 	StepAfterCommit               = "step.after_commit"

@@ -467,6 +467,13 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 		_ = msg.Term()
 		return
 	}
+	// A handler stalled here (a GC pause, a stopped process) outlives the message's
+	// AckWait: the doorbell goes to another executor meanwhile, and the later of the two
+	// claims must come to nothing.
+	if err := failpoint.Inject(failpoint.ClaimBeforeClaim); err != nil {
+		_ = msg.NakWithDelay(time.Second)
+		return
+	}
 	claimSent := w.cfg.Clock.Now()
 	req := store.ClaimRequest{RunID: task.RunID, DispatchSeq: task.DispatchSeq, Workflow: def.Name()}
 	res, done := w.claims.Do(req)

@@ -5,7 +5,8 @@
 // with no port to allocate and nothing lost when the process is later killed.
 //
 //	DATABASE_URL, NATS_URL, KAGZI_EXECUTOR_NAME, KAGZI_LEASE (2s), KAGZI_CONCURRENCY (8),
-//	KAGZI_LOCAL_SLEEP_MAX (the SDK's default; negative: every sleep parks the run)
+//	KAGZI_LOCAL_SLEEP_MAX (the SDK's default; negative: every sleep parks the run),
+//	KAGZI_TASK_ACK_WAIT (the task consumer's AckWait; default the bus's, 30s)
 package main
 
 import (
@@ -49,6 +50,12 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("KAGZI_LOCAL_SLEEP_MAX: %w", err)
 	}
+	consumer := bus.DefaultConsumerConfig()
+	if v := os.Getenv("KAGZI_TASK_ACK_WAIT"); v != "" {
+		if consumer.AckWait, err = time.ParseDuration(v); err != nil || consumer.AckWait <= 0 {
+			return fmt.Errorf("KAGZI_TASK_ACK_WAIT %q: want a positive duration (%v)", v, err)
+		}
+	}
 	pool, err := store.Connect(ctx, os.Getenv("DATABASE_URL"), 8)
 	if err != nil {
 		return fmt.Errorf("connect worker pool: %w", err)
@@ -69,7 +76,8 @@ func run() error {
 	defer nc.Close()
 	w, err := sdk.NewWorker(sdk.WorkerConfig{Pool: pool, Conn: nc, Lease: lease, Concurrency: conc,
 		RetryBackoff: 100 * time.Millisecond, MaxBackoff: time.Second, ShutdownGrace: time.Second, LocalSleepMax: localSleep,
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))})
+		Consumer: consumer,
+		Logger:   slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))})
 	if err != nil {
 		return fmt.Errorf("new worker: %w", err)
 	}
