@@ -7,12 +7,14 @@ package groupcommit
 import (
 	"context"
 	"sync"
+	"time"
 )
 
 // Batcher runs flush over batches of concurrent requests.
 type Batcher[Req, Res any] struct {
 	flush    func(ctx context.Context, reqs []Req) []Res // one result per request, same order
 	maxBatch int
+	timeout  time.Duration // bounds each flush; 0: unbounded
 	in       chan batchItem[Req, Res]
 	stop     chan struct{}
 	stopOnce sync.Once
@@ -24,10 +26,25 @@ type batchItem[Req, Res any] struct {
 	done chan Res
 }
 
+// Option configures a Batcher.
+type Option func(*options)
+
+type options struct{ timeout time.Duration }
+
+// FlushTimeout bounds each flush: its context ends after d. Without it a flush stuck on a
+// connection that went silent (a partition, a blackholed peer) would hold every later
+// request of its flusher for as long as TCP takes to give up.
+func FlushTimeout(d time.Duration) Option { return func(o *options) { o.timeout = d } }
+
 // New starts flushers goroutines, each flushing up to maxBatch requests at a time. flush
 // returns one result per request, in order.
-func New[Req, Res any](flushers, maxBatch int, flush func(context.Context, []Req) []Res) *Batcher[Req, Res] {
-	b := &Batcher[Req, Res]{flush: flush, maxBatch: maxBatch, in: make(chan batchItem[Req, Res], maxBatch*flushers), stop: make(chan struct{})}
+func New[Req, Res any](flushers, maxBatch int, flush func(context.Context, []Req) []Res, opts ...Option) *Batcher[Req, Res] {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
+	b := &Batcher[Req, Res]{flush: flush, maxBatch: maxBatch, timeout: o.timeout,
+		in: make(chan batchItem[Req, Res], maxBatch*flushers), stop: make(chan struct{})}
 	for range flushers {
 		b.wg.Add(1)
 		go b.loop()
@@ -76,11 +93,21 @@ func (b *Batcher[Req, Res]) loop() {
 		for _, it := range items {
 			reqs = append(reqs, it.req)
 		}
-		res := b.flush(context.Background(), reqs)
+		res := b.flushOnce(reqs)
 		for i, it := range items {
 			it.done <- res[i]
 		}
 	}
+}
+
+func (b *Batcher[Req, Res]) flushOnce(reqs []Req) []Res {
+	ctx := context.Background()
+	if b.timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, b.timeout)
+		defer cancel()
+	}
+	return b.flush(ctx, reqs)
 }
 
 // Close stops the flushers; callers still waiting get ok == false. Idempotent.

@@ -2,9 +2,11 @@ package groupcommit_test
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/kagzi/kagzi/libs/groupcommit"
 )
@@ -58,5 +60,27 @@ func TestBatchesConcurrentCallers(t *testing.T) {
 	b.Close()
 	if _, ok := b.Do(1); ok {
 		t.Fatal("Do on a closed batcher succeeded")
+	}
+}
+
+// A flush that hangs is cut off at its timeout: its callers get the flush's answer to a
+// cancelled context, and the next request is flushed instead of queuing behind it.
+func TestFlushTimeout(t *testing.T) {
+	b := groupcommit.New(1, 8, func(ctx context.Context, reqs []int) []error {
+		out := make([]error, len(reqs))
+		for i, r := range reqs {
+			if r == 0 {
+				<-ctx.Done() // a peer gone silent
+				out[i] = ctx.Err()
+			}
+		}
+		return out
+	}, groupcommit.FlushTimeout(50*time.Millisecond))
+	defer b.Close()
+	if err, ok := b.Do(0); !ok || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("hung flush: %v, %v; want the deadline", err, ok)
+	}
+	if err, ok := b.Do(1); !ok || err != nil {
+		t.Fatalf("next flush: %v, %v", err, ok)
 	}
 }

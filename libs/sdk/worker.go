@@ -256,11 +256,14 @@ func (w *Worker) Start(ctx context.Context) error {
 	for i := 0; i < w.cfg.Concurrency; i++ {
 		w.slots <- struct{}{}
 	}
+	// A write still unanswered after a lease is worth nothing (the lease is gone), and
+	// must not hold up the writes queued behind it.
+	bound := groupcommit.FlushTimeout(w.cfg.Lease)
 	w.claims = groupcommit.New(2, 256, func(ctx context.Context, reqs []store.ClaimRequest) []store.ClaimResult {
 		return w.store.RunsClaim(ctx, w.cfg.Namespace, w.cfg.ID, w.cfg.Lease, reqs)
-	})
-	w.steps = groupcommit.New(2, 256, w.store.StepsInsert)
-	w.completes = groupcommit.New(2, 256, w.store.RunsComplete)
+	}, bound)
+	w.steps = groupcommit.New(2, 256, w.store.StepsInsert, bound)
+	w.completes = groupcommit.New(2, 256, w.store.RunsComplete, bound)
 	fetchCtx, cancelFetch := context.WithCancel(context.Background())
 	hbCtx, cancelHeartbeat := context.WithCancel(context.Background())
 	w.cancelFetch, w.cancelHeartbeat = cancelFetch, cancelHeartbeat

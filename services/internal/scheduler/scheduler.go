@@ -148,7 +148,7 @@ func (s *Scheduler) Start(ctx context.Context) error {
 	if s.state != 0 {
 		return errors.New("scheduler: Start called twice or after Stop")
 	}
-	s.inserts = groupcommit.New(2, 256, s.st.RunsInsert)
+	s.inserts = groupcommit.New(2, 256, s.st.RunsInsert, groupcommit.FlushTimeout(opTimeout))
 
 	if err := s.b.EnsureStreams(ctx); err != nil {
 		s.m.EnsureFailures.Inc()
