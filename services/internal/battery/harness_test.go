@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -547,6 +548,10 @@ func freeAddr(t *testing.T) string {
 	return l.Addr().String()
 }
 
+// errMetricAbsent: the service exposes no series of the metric, which for a vector that
+// was never incremented means zero.
+var errMetricAbsent = errors.New("metric not exposed")
+
 // scrapeMetric sums every series of a metric on a service's /metrics.
 func scrapeMetric(addr, name string) (float64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -578,7 +583,7 @@ func scrapeMetric(addr, name string) (float64, error) {
 		found = true
 	}
 	if !found {
-		return 0, fmt.Errorf("metric %s not exposed by %s", name, addr)
+		return 0, fmt.Errorf("%s by %s: %w", name, addr, errMetricAbsent)
 	}
 	return sum, nil
 }
