@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -454,10 +455,15 @@ func (s *Store) RunsInsert(ctx context.Context, ps []RunInsertParams) []InsertRe
 			err = rows.Err()
 		}
 	}
+	var existing map[runKey]existingRun
 	if err != nil {
 		// A run id already taken fails the whole statement: fall back to one by one so
 		// only the offending start gets the error.
 		inserted = map[string]int64{}
+	} else if len(inserted) < n {
+		// Retried starts all land here: their runs are read in one statement, not two
+		// per start. A failed read leaves them to the single form.
+		existing, _ = s.runsByIdempotencyKey(ctx, ps, inserted)
 	}
 	for i, p := range ps {
 		if seq, ok := inserted[p.ID]; ok {
@@ -465,7 +471,59 @@ func (s *Store) RunsInsert(ctx context.Context, ps []RunInsertParams) []InsertRe
 				Workflow: p.Workflow, DispatchSeq: seq}, Status: wire.StatusQueued}
 			continue
 		}
+		if r, ok := existing[runKey{p.Namespace, p.Workflow, p.IdempotencyKey}]; ok {
+			out[i].RunInsertResult = RunInsertResult{Dispatch: Dispatch{RunID: r.id, Namespace: p.Namespace,
+				Workflow: p.Workflow, DispatchSeq: r.dispatchSeq}, Existing: true, Status: r.status}
+			if !bytes.Equal(r.input, p.Input) {
+				out[i].Err = wire.Errorf(wire.ErrIdempotencyConflict, "key %q already started run %s with another input", p.IdempotencyKey, r.id)
+			}
+			continue
+		}
 		out[i].RunInsertResult, out[i].Err = s.RunInsert(ctx, p)
 	}
 	return out
+}
+
+type runKey struct{ namespace, workflow, idempotencyKey string }
+
+type existingRun struct {
+	id          string
+	input       []byte
+	status      wire.Status
+	dispatchSeq int64
+}
+
+// Uses the workflow_runs_idempotency unique index, one lookup per key.
+const runsByIdempotencyKeySQL = `
+SELECT r.namespace, r.workflow, r.idempotency_key, r.id::text, r.input, r.status, r.dispatch_seq
+FROM unnest($1::text[], $2::text[], $3::text[]) AS k(namespace, workflow, key)
+JOIN workflow_runs r ON r.namespace = k.namespace AND r.workflow = k.workflow AND r.idempotency_key = k.key`
+
+// runsByIdempotencyKey reads the runs that hold the keys of the starts a batch insert
+// did not insert.
+func (s *Store) runsByIdempotencyKey(ctx context.Context, ps []RunInsertParams, inserted map[string]int64) (map[runKey]existingRun, error) {
+	var nss, wfs, keys []string
+	for _, p := range ps {
+		if _, ok := inserted[p.ID]; !ok {
+			nss, wfs, keys = append(nss, p.Namespace), append(wfs, p.Workflow), append(keys, p.IdempotencyKey)
+		}
+	}
+	rows, err := s.db.Query(ctx, runsByIdempotencyKeySQL, nss, wfs, keys)
+	if err != nil {
+		return nil, fmt.Errorf("read runs by idempotency key: %w", err)
+	}
+	defer rows.Close()
+	out := make(map[runKey]existingRun, len(keys))
+	for rows.Next() {
+		var k runKey
+		var r existingRun
+		if err := rows.Scan(&k.namespace, &k.workflow, &k.idempotencyKey, &r.id, &r.input, &r.status, &r.dispatchSeq); err != nil {
+			return nil, fmt.Errorf("read runs by idempotency key: %w", err)
+		}
+		out[k] = r
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read runs by idempotency key: %w", err)
+	}
+	return out, nil
 }

@@ -99,7 +99,8 @@ func TestRunsInsertBatch(t *testing.T) {
 	switch {
 	case res[0].Err != nil || res[0].Existing || res[0].RunID != reqs[0].ID:
 		t.Fatalf("new run: %+v", res[0])
-	case res[1].Err != nil || !res[1].Existing || res[1].RunID != existing.RunID:
+	case res[1].Err != nil || !res[1].Existing || res[1].RunID != existing.RunID || res[1].Status != wire.StatusQueued ||
+		res[1].DispatchSeq != existing.DispatchSeq || res[1].Workflow != "wf" || res[1].Namespace != "default":
 		t.Fatalf("same key, same input: %+v", res[1])
 	case !errors.Is(res[2].Err, wire.ErrIdempotencyConflict):
 		t.Fatalf("same key, other input: %+v", res[2])
