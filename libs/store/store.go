@@ -37,10 +37,13 @@ func New(db DBTX) *Store { return &Store{db: db} }
 
 // Connect opens a pool for the services' runtime role. The settings below the pool are
 // chosen for a queue workload: many short statements, prepared once per connection.
-func Connect(ctx context.Context, databaseURL string, maxConns int32) (*pgxpool.Pool, error) {
+func Connect(ctx context.Context, databaseURL string, maxConns int32, opts ...ConnectOption) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(databaseURL)
 	if err != nil {
 		return nil, fmt.Errorf("parse database url: %w", err)
+	}
+	for _, opt := range opts {
+		opt(cfg)
 	}
 	// Group commit keeps a few statements in flight per table family at once; pgx's
 	// default of max(4, CPUs) would queue them on a small machine.
@@ -59,6 +62,20 @@ func Connect(ctx context.Context, databaseURL string, maxConns int32) (*pgxpool.
 		return nil, fmt.Errorf("open database pool: %w", err)
 	}
 	return pool, nil
+}
+
+// ConnectOption adjusts a pool's configuration.
+type ConnectOption func(*pgxpool.Config)
+
+// ApplicationName names the pool's sessions in pg_stat_activity and the server's logs,
+// unless the URL names them already: an operator (or a test terminating one service's
+// backends) can tell Kagzi's services apart.
+func ApplicationName(name string) ConnectOption {
+	return func(c *pgxpool.Config) {
+		if c.ConnConfig.RuntimeParams["application_name"] == "" {
+			c.ConnConfig.RuntimeParams["application_name"] = name
+		}
+	}
 }
 
 const pgUniqueViolation = "23505"

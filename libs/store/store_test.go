@@ -3,6 +3,7 @@ package store_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -190,5 +191,26 @@ func TestRedispatchOnlyServedWorkflows(t *testing.T) {
 	// A relay, not a new dispatch: the doorbell that was only late still claims the run.
 	if _, ok := claim(t, s, store.Dispatch{RunID: got[0].RunID, Namespace: "default", Workflow: "wf", DispatchSeq: 1}, "late"); !ok {
 		t.Fatal("the original dispatch no longer claims the run after a relay")
+	}
+}
+
+// A pool names its sessions unless the URL already does.
+func TestApplicationName(t *testing.T) {
+	t.Parallel()
+	url := testkit.NewDatabase(t)
+	for _, c := range []struct{ url, want string }{
+		{url, "kagzi-test"},
+		{url + map[bool]string{true: "&", false: "?"}[strings.Contains(url, "?")] + "application_name=mine", "mine"},
+	} {
+		pool, err := store.Connect(context.Background(), c.url, 1, store.ApplicationName("kagzi-test"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got string
+		err = pool.QueryRow(context.Background(), `SHOW application_name`).Scan(&got)
+		pool.Close()
+		if err != nil || got != c.want {
+			t.Errorf("application_name = %q (%v), want %q", got, err, c.want)
+		}
 	}
 }

@@ -88,6 +88,7 @@ type PostgresConfig struct {
 	MigrationURL string // a role allowed to run DDL; defaults to URL
 	AutoMigrate  bool   // migrate at start-up, else only check the schema version
 	MaxConns     int32  // 0: store.Connect's default (10)
+	AppName      string // application_name of the sessions unless the URL sets one
 }
 
 // Config is the part of the configuration every long-running command shares.
@@ -432,6 +433,7 @@ func (b *binder) common(c *Config, service, httpAddr, logFormat string) {
 	b.postgres(&c.Postgres)
 	b.nats(&c.NATS)
 	c.NATS.Name = "kagzi-" + service
+	c.Postgres.AppName = "kagzi-" + service
 	b.str(&c.Namespace, "namespace", "KAGZI_NAMESPACE", wire.DefaultNamespace, "namespace of runs started without one")
 	b.str(&c.HTTPAddr, "http-addr", "KAGZI_HTTP_ADDR", httpAddr, `listen address of /healthz, /readyz and /metrics ("off": none)`)
 	b.log(&c.Log, logFormat)

@@ -23,7 +23,11 @@ type Postgres struct {
 func NewPostgres(cfg PostgresConfig, log *zap.Logger) (*Postgres, error) {
 	// pgxpool does not dial in NewWithConfig (MinConns is 0), so this context only
 	// satisfies the signature.
-	pool, err := store.Connect(context.Background(), cfg.URL, cfg.MaxConns)
+	var opts []store.ConnectOption
+	if cfg.AppName != "" {
+		opts = append(opts, store.ApplicationName(cfg.AppName))
+	}
+	pool, err := store.Connect(context.Background(), cfg.URL, cfg.MaxConns, opts...)
 	if err != nil {
 		return nil, err
 	}
