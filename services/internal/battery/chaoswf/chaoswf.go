@@ -9,9 +9,11 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -37,7 +39,29 @@ type Input struct {
 	// effect, waits until the test inserts the run into test_latches. It ignores its
 	// context on purpose: it plays a zombie whose body outlives its lease.
 	LatchStep int `json:"latch_step,omitempty"`
+	// Poison (one of the Poison* kinds) makes the run misbehave at step 2 on every
+	// attempt; step 1 is an ordinary step, so every retry replays it first.
+	Poison string `json:"poison,omitempty"`
+	// TimeoutMS bounds every step body of the run (sdk.StepTimeout); 0: none.
+	TimeoutMS int `json:"timeout_ms,omitempty"`
 }
+
+// The poison kinds of BATTERY.md T14, and what each leaves as the run's error.
+const (
+	// PoisonPanic panics in workflow code, outside any step, before step 2.
+	PoisonPanic = "panic"
+	// PoisonError makes step 2's body return PoisonErrorText.
+	PoisonError = "error"
+	// PoisonLoop makes step 2's body loop forever without looking at its context: only
+	// the step timeout gets the run out of it.
+	PoisonLoop = "loop"
+	// PoisonExit makes step 2's body print PoisonExitLine and os.Exit(1) its executor.
+	PoisonExit = "exit"
+
+	PoisonPanicText = "chaoswf: poison panic in workflow code"
+	PoisonErrorText = "chaoswf: poison step always fails"
+	PoisonExitLine  = "chaoswf: poison os.Exit(1)"
+)
 
 // Value is step i's result for a seed.
 func Value(seed, i int) string {
@@ -104,20 +128,60 @@ func waitLatch(runID string) {
 	}
 }
 
+// exitOnce lets one poison body per process reach os.Exit: the others block here until
+// the process is gone, so every exit leaves exactly one test_effects row behind and the
+// tests can equate exits with the executor restarts they made.
+var exitOnce sync.Mutex
+
+// poisonBody is step 2 of a poison run, after its effect was recorded.
+func poisonBody(kind, runID string, attempt int) error {
+	switch kind {
+	case PoisonError:
+		return errors.New(PoisonErrorText)
+	case PoisonLoop:
+		// Never returns and never reads its context. It naps instead of spinning: 100
+		// abandoned bodies spinning on a two-core machine would measure the machine,
+		// while to the engine a body that never returns is the same either way.
+		for {
+			time.Sleep(20 * time.Millisecond)
+		}
+	case PoisonExit:
+		fmt.Fprintf(os.Stderr, "%s run=%s attempt=%d pid=%d\n", PoisonExitLine, runID, attempt, os.Getpid())
+		os.Exit(1)
+	}
+	return fmt.Errorf("chaoswf: unknown poison kind %q", kind)
+}
+
 // Workflow is the battery's workflow.
 var Workflow = sdk.Workflow(Name, func(ctx sdk.Context, in Input) (string, error) {
 	vals := make([]string, 0, in.Steps)
+	var opts []sdk.StepOption
+	if in.TimeoutMS > 0 {
+		opts = append(opts, sdk.StepTimeout(time.Duration(in.TimeoutMS)*time.Millisecond))
+	}
 	for i := 1; i <= in.Steps; i++ {
+		poisoned := i == 2 && in.Poison != ""
+		if poisoned && in.Poison == PoisonPanic {
+			panic(PoisonPanicText)
+		}
 		v, err := sdk.Step(ctx, "step", func(sctx context.Context) (string, error) {
+			if poisoned && in.Poison == PoisonExit {
+				exitOnce.Lock() // held until the process exits
+			}
 			if err := effect(ctx, sctx); err != nil {
 				return "", err
+			}
+			if poisoned {
+				if err := poisonBody(in.Poison, ctx.RunID(), ctx.Attempt()); err != nil {
+					return "", err
+				}
 			}
 			if i == in.LatchStep && ctx.Attempt() == 1 {
 				waitLatch(ctx.RunID())
 			}
 			time.Sleep(bodyDuration(in, i))
 			return Value(in.Seed, i), nil
-		})
+		}, opts...)
 		if err != nil {
 			return "", err
 		}

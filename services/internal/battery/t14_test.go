@@ -1,0 +1,344 @@
+package battery
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/kagzi/kagzi/libs/sdk"
+	"github.com/kagzi/kagzi/libs/testkit"
+	"github.com/kagzi/kagzi/services/internal/battery/chaoswf"
+)
+
+// T14 — poison workflows. max_attempts 5, retry backoff 100 ms (the chaos executor's),
+// lease 1 s, a 1 s timeout on every step body. First W good 3-step runs alone measure
+// the completion p99 of a run without poison; then W more good runs are started mixed
+// with N runs of each poison kind, which misbehave at step 2 on every attempt: a panic
+// in workflow code, a step that always errors, a step body that loops forever ignoring
+// its context, and a step body that os.Exit(1)s its executor. The test plays the
+// supervisor: an executor that exits is restarted at once.
+//
+// Pass: every good run COMPLETED, with its expected output and only repeats a dead or
+// fenced executor explains; every poison run FAILED with attempt = 5, each of attempts
+// 1–5 claimed, at most one step-2 body per attempt, and a reason that says what ended
+// its last attempt (its own failure, or the lapsed lease of an executor that died or was
+// fenced under it; always the latter for os.Exit); executors exited only through os.Exit
+// (restarts = os.Exit calls, one per dead pid: one exiting body per process, see
+// chaoswf); and the good runs' completion p99 with poison at most twice the one without.
+//
+// An os.Exit takes every run its executor holds down with it, and each of them loses an
+// attempt to the lapsed lease: the good runs (and the other poison runs) beside an
+// os.Exit run are what the first and last criteria are about.
+func TestT14PoisonWorkflows(t *testing.T) {
+	w := pick(500, 5000)
+	n := pick(20, 100)
+	const maxAttempts = 5
+	kinds := []string{chaoswf.PoisonPanic, chaoswf.PoisonError, chaoswf.PoisonLoop, chaoswf.PoisonExit}
+	sum := newSummary(t, fmt.Sprintf("W=%d good 3-step + %d runs of each of %d poison kinds, max_attempts %d, backoff 100 ms, lease 1 s, step timeout 1 s, 3 executors × 8",
+		w, n, len(kinds), maxAttempts))
+	s := newSystem(t)
+	sched := s.scheduler("scheduler")
+	// A doorbell fetched by an executor that exits before claiming it comes back after
+	// AckWait (30 s) or a relay after the stale threshold: 2 s keeps it short.
+	tmr := s.timer("timer", "KAGZI_STALE_AFTER=2s", "KAGZI_MAX_IDLE=1s")
+	execs := make([]*testkit.Process, 3)
+	for i := range execs {
+		execs[i] = s.executor(fmt.Sprintf("exec-%d", i+1), "KAGZI_CONCURRENCY=8", "KAGZI_LEASE=1s")
+	}
+	good := func(seed int) chaoswf.Input {
+		return chaoswf.Input{Seed: seed, Steps: 3, MinMS: 5, MaxMS: 20, TimeoutMS: 1000}
+	}
+	settle := pick(60*time.Second, 5*time.Minute)
+
+	// Phase 1: the baseline, on the same system.
+	baseIDs := s.startRuns(inputs(w, func(i int) chaoswf.Input { return good(14000 + i) }), sdk.MaxAttempts(maxAttempts))
+	if !s.waitCompleted(w, settle) {
+		t.FailNow()
+	}
+	baseP99 := s.completionP99(baseIDs)
+
+	// Phase 2: good and poison runs in one shuffled start.
+	mixed := inputs(w, func(i int) chaoswf.Input { return good(24000 + i) })
+	for k, kind := range kinds {
+		for i := range n {
+			in := good(34000 + k*n + i)
+			in.Poison = kind
+			mixed = append(mixed, in)
+		}
+	}
+	seed := time.Now().UnixNano()
+	t.Logf("shuffle seed %d", seed)
+	rng := rand.New(rand.NewPCG(uint64(seed), 14))
+	rng.Shuffle(len(mixed), func(i, j int) { mixed[i], mixed[j] = mixed[j], mixed[i] })
+	ids := s.startRuns(mixed, sdk.MaxAttempts(maxAttempts))
+	var goodIDs []string
+	byKind := map[string][]string{}
+	for i, in := range mixed {
+		if in.Poison == "" {
+			goodIDs = append(goodIDs, ids[i])
+		} else {
+			byKind[in.Poison] = append(byKind[in.Poison], ids[i])
+		}
+	}
+	var poisonIDs []string
+	for _, kind := range kinds {
+		poisonIDs = append(poisonIDs, byKind[kind]...)
+	}
+
+	// The supervisor: restart every executor that exits, until every run has ended.
+	var dead []int
+	total := 2*w + len(kinds)*n
+	deadline := time.Now().Add(settle)
+	for lastLook := (time.Time{}); ; time.Sleep(10 * time.Millisecond) {
+		for _, p := range execs {
+			if p.Exited() {
+				dead = append(dead, s.fault(p, "exited (os.Exit in a poison step), restarted"))
+				p.Start()
+			}
+		}
+		if time.Since(lastLook) < 100*time.Millisecond {
+			continue
+		}
+		lastLook = time.Now()
+		if s.oracle.Count(`SELECT count(*) FROM workflow_runs WHERE status IN ('COMPLETED','FAILED','CANCELLED')`) == total {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("runs still active %s after the mixed start", settle)
+		}
+	}
+	sum.Faults = fmt.Sprintf("%d poison runs (%d × panic, step error, infinite loop, os.Exit); %d executor exits, each restarted",
+		len(poisonIDs), n, len(dead))
+	t.Logf("%d executor exits, all restarted", len(dead))
+
+	// Good runs: all completed, correctly, repeating only what a dead or fenced executor
+	// explains.
+	faulted := s.faultedPIDs()
+	tl := s.oracle.Tally(faulted)
+	lostGood := s.oracle.NotCompleted(append(slices.Clone(baseIDs), goodIDs...))
+	sum.fill(tl, lostGood, 6*w+len(poisonIDs))
+	repeats, unexplained := s.repeatsOf(append(slices.Clone(baseIDs), goodIDs...), faulted)
+	sum.DupBodies, sum.Unattributed = repeats, unexplained // poison runs repeat step 2 by design
+	t.Logf("tally: %+v; good runs: %d repeated bodies, %d unexplained", tl, repeats, unexplained)
+	expectZero(t, "good runs not COMPLETED", lostGood)
+	if lostGood > 0 {
+		// The oracle's dump shows poison runs first; these are the ones that matter here.
+		for _, line := range s.lines(`SELECT format('good run %s %s attempt %s: %s', r.id, r.status, r.attempt,
+			string_agg(format('%s→%s a%s f%s %s %s', coalesce(c.old_status, '-'), c.new_status, c.attempt, c.fence,
+			coalesce(c.lease_owner, ''), to_char(c.at, 'MI:SS.MS')), ', ' ORDER BY c.id))
+			FROM workflow_runs r JOIN test_transitions c ON c.run_id = r.id
+			WHERE r.id = ANY ($1::uuid[]) AND r.status <> 'COMPLETED' GROUP BY r.id LIMIT 3`, goodIDs) {
+			t.Log(line)
+		}
+	}
+	expectZero(t, "good-run step bodies repeated without a dead or fenced executor to explain it", unexplained)
+	expectZero(t, "runs whose output differs from a fault-free run's", s.wrongOutputs())
+	expectEq(t, "entries into COMPLETED", tl.CompletedEntries, 2*w)
+	expectZero(t, "transitions out of a terminal status", tl.TerminalExits)
+	// Good runs record 3 steps; every poison run records step 1 only.
+	expectEq(t, "step results recorded", tl.StepResults, 6*w+len(poisonIDs))
+
+	// Poison runs: dead-lettered after exactly max_attempts, each with its reason.
+	t14CheckPoison(t, s, byKind, faulted, maxAttempts)
+	expectZero(t, "attempts that ran step 2's body more than once", s.oracle.Count(`SELECT count(*) FROM (SELECT 1 FROM test_effects
+		WHERE run_id = ANY ($1::uuid[]) AND step_key = 'step#2' GROUP BY run_id, attempt HAVING count(*) > 1) x`, poisonIDs))
+	expectZero(t, "step-2 bodies of runs that panic before step 2", s.oracle.Count(`SELECT count(*) FROM test_effects
+		WHERE run_id = ANY ($1::uuid[]) AND step_key = 'step#2'`, byKind[chaoswf.PoisonPanic]))
+
+	// Restarts: one per os.Exit call and nothing else. Each call left one step-2 effect
+	// (one exiting body per process), written by the pid that then died.
+	var exitPIDs []int
+	rows, err := s.pool.Query(context.Background(), `SELECT pid FROM test_effects
+		WHERE run_id = ANY ($1::uuid[]) AND step_key = 'step#2' ORDER BY pid`, byKind[chaoswf.PoisonExit])
+	if err != nil {
+		t.Fatalf("read os.Exit effects: %v", err)
+	}
+	for rows.Next() {
+		var pid int
+		if err := rows.Scan(&pid); err != nil {
+			t.Fatalf("read os.Exit effects: %v", err)
+		}
+		exitPIDs = append(exitPIDs, pid)
+	}
+	rows.Close()
+	slices.Sort(dead)
+	expectEq(t, "executor restarts vs os.Exit calls", len(dead), len(exitPIDs))
+	if !slices.Equal(dead, exitPIDs) {
+		t.Errorf("pids that exited %v differ from pids that called os.Exit %v", dead, exitPIDs)
+	}
+	exitLines := 0
+	for _, p := range execs {
+		exitLines += strings.Count(p.Log(), chaoswf.PoisonExitLine)
+	}
+	expectEq(t, "os.Exit lines in the executors' logs", exitLines, len(dead))
+	if len(dead) == 0 {
+		t.Errorf("no executor exited: the os.Exit runs never reached their poison step")
+	}
+	for _, p := range append([]*testkit.Process{sched, tmr}, execs...) {
+		if p.Exited() {
+			t.Errorf("%s exited after the last run ended", p.Name)
+		}
+	}
+	s.checkNoPanics()
+
+	p99 := s.completionP99(goodIDs)
+	t.Logf("good-run completion p99: %.3fs without poison, %.3fs with poison", baseP99, p99)
+	s.logLatencies("good runs without poison", baseIDs)
+	s.logLatencies("good runs with poison", goodIDs)
+	t.Logf("good runs with poison: %d of %d lost an attempt to a lapsed lease (an executor died under them)",
+		s.oracle.Count(`SELECT count(DISTINCT run_id) FROM test_transitions WHERE run_id = ANY ($1::uuid[])
+			AND old_status = 'RUNNING' AND new_status IN ('QUEUED', 'FAILED')`, goodIDs), len(goodIDs))
+	if p99 > 2*baseP99 {
+		t.Errorf("good-run completion p99 %.3fs with poison is more than twice the %.3fs without", p99, baseP99)
+	}
+}
+
+// t14CheckPoison checks that every poison run ended FAILED on its last allowed attempt,
+// with every attempt claimed, and with the reason its last attempt ended with: its own failure,
+// or the lapsed lease of the executor that held it, which must have died or been fenced.
+func t14CheckPoison(t *testing.T, s *system, byKind map[string][]string, faulted []int, maxAttempts int) {
+	t.Helper()
+	leaseReason := fmt.Sprintf("lease expired on attempt %d of %d", maxAttempts, maxAttempts)
+	own := map[string]string{
+		chaoswf.PoisonPanic: "workflow panicked: " + chaoswf.PoisonPanicText,
+		chaoswf.PoisonError: chaoswf.PoisonErrorText,
+		chaoswf.PoisonLoop:  sdk.ErrStepTimeout.Error(),
+		chaoswf.PoisonExit:  "", // its only end is the lapsed lease of its dead executor
+	}
+	for _, kind := range slices.Sorted(func(yield func(string) bool) {
+		for k := range byKind {
+			if !yield(k) {
+				return
+			}
+		}
+	}) {
+		ids := byKind[kind]
+		rows, err := s.pool.Query(context.Background(), `
+			SELECT r.id::text, r.status, r.attempt, coalesce(r.error, ''),
+			    (SELECT count(DISTINCT c.attempt) FROM test_transitions c WHERE c.run_id = r.id AND c.old_status = 'QUEUED' AND c.new_status = 'RUNNING'),
+			    coalesce((SELECT c.lease_owner FROM test_transitions c WHERE c.run_id = r.id AND c.new_status = 'RUNNING'
+			              ORDER BY c.id DESC LIMIT 1), '')
+			FROM workflow_runs r WHERE r.id = ANY ($1::uuid[]) ORDER BY r.id`, ids)
+		if err != nil {
+			t.Fatalf("read %s runs: %v", kind, err)
+		}
+		var failed, ownReason, leaseLapsed, bad int
+		for rows.Next() {
+			var id, status, reason, owner string
+			var attempt, claimed int
+			if err := rows.Scan(&id, &status, &attempt, &reason, &claimed, &owner); err != nil {
+				t.Fatalf("read %s runs: %v", kind, err)
+			}
+			ok := status == "FAILED" && attempt == maxAttempts && claimed == maxAttempts
+			switch {
+			case own[kind] != "" && strings.Contains(reason, own[kind]):
+				ownReason++
+			case strings.HasPrefix(reason, leaseReason) && slices.Contains(faulted, ownerPID(owner)):
+				leaseLapsed++
+			default:
+				ok = false
+			}
+			if status == "FAILED" {
+				failed++
+			}
+			if !ok {
+				bad++
+				if bad <= 5 {
+					t.Errorf("%s run %s: status %s attempt %d, %d attempts claimed, last by %s, reason %q; want FAILED on attempt %d with attempts 1–%d claimed and its own reason or a dead or fenced holder's lapsed lease",
+						kind, id, status, attempt, claimed, owner, firstLine(reason), maxAttempts, maxAttempts)
+				}
+			}
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatalf("read %s runs: %v", kind, err)
+		}
+		rows.Close()
+		t.Logf("%s: %d runs FAILED; last attempt ended by its own failure %d, by a dead or fenced executor's lapsed lease %d",
+			kind, failed, ownReason, leaseLapsed)
+		expectZero(t, kind+" runs not FAILED as they should be", bad)
+		expectEq(t, kind+" runs", failed, len(ids))
+	}
+}
+
+// ownerPID is the pid in a worker id of the SDK's default form hostname-pid-random; -1
+// when the id has another form.
+func ownerPID(owner string) int {
+	parts := strings.Split(owner, "-")
+	if len(parts) < 3 {
+		return -1
+	}
+	pid, err := strconv.Atoi(parts[len(parts)-2])
+	if err != nil {
+		return -1
+	}
+	return pid
+}
+
+// completionP99 is the 99th percentile, in seconds, of the runs' time from start to end
+// by the database clock.
+func (s *system) completionP99(ids []string) float64 {
+	s.t.Helper()
+	var p99 float64
+	err := s.pool.QueryRow(context.Background(), `SELECT coalesce(percentile_disc(0.99) WITHIN GROUP
+		(ORDER BY extract(epoch FROM finished_at - created_at)::float8), 0) FROM workflow_runs WHERE id = ANY ($1::uuid[])`, ids).Scan(&p99)
+	if err != nil {
+		s.t.Fatalf("completion p99: %v", err)
+	}
+	return p99
+}
+
+// lines runs a query returning one text column.
+func (s *system) lines(sql string, args ...any) []string {
+	s.t.Helper()
+	rows, err := s.pool.Query(context.Background(), sql, args...)
+	if err != nil {
+		s.t.Fatalf("%s: %v", sql, err)
+	}
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		s.t.Fatalf("%s: %v", sql, err)
+	}
+	return out
+}
+
+// logLatencies logs percentiles of the runs' time from start to end.
+func (s *system) logLatencies(what string, ids []string) {
+	s.t.Helper()
+	var p50, p90, p99, maxS float64
+	err := s.pool.QueryRow(context.Background(), `WITH l AS (SELECT extract(epoch FROM finished_at - created_at)::float8 AS s
+		FROM workflow_runs WHERE id = ANY ($1::uuid[]))
+		SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY s), percentile_disc(0.9) WITHIN GROUP (ORDER BY s),
+		       percentile_disc(0.99) WITHIN GROUP (ORDER BY s), max(s) FROM l`, ids).Scan(&p50, &p90, &p99, &maxS)
+	if err != nil {
+		s.t.Fatalf("latencies: %v", err)
+	}
+	s.t.Logf("%s: completion p50 %.3fs p90 %.3fs p99 %.3fs max %.3fs", what, p50, p90, p99, maxS)
+}
+
+// repeatsOf counts the step bodies of the given runs that repeat an earlier execution,
+// and those of them whose earlier execution was by a process not in faulted.
+func (s *system) repeatsOf(ids []string, faulted []int) (repeats, unexplained int) {
+	s.t.Helper()
+	if faulted == nil {
+		faulted = []int{} // ANY (NULL) would explain nothing and count nothing
+	}
+	err := s.pool.QueryRow(context.Background(), `
+		WITH e AS (
+		    SELECT lag(pid) OVER w AS prev_pid FROM test_effects WHERE run_id = ANY ($1::uuid[])
+		    WINDOW w AS (PARTITION BY run_id, step_key ORDER BY at, ctid)
+		)
+		SELECT count(*) FILTER (WHERE prev_pid IS NOT NULL),
+		       count(*) FILTER (WHERE prev_pid IS NOT NULL AND NOT prev_pid = ANY ($2::int[])) FROM e`, ids, faulted).
+		Scan(&repeats, &unexplained)
+	if err != nil {
+		s.t.Fatalf("count repeated bodies: %v", err)
+	}
+	return repeats, unexplained
+}
