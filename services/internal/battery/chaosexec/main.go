@@ -6,7 +6,11 @@
 //
 //	DATABASE_URL, NATS_URL, KAGZI_EXECUTOR_NAME, KAGZI_LEASE (2s), KAGZI_CONCURRENCY (8),
 //	KAGZI_LOCAL_SLEEP_MAX (the SDK's default; negative: every sleep parks the run),
-//	KAGZI_TASK_ACK_WAIT (the task consumer's AckWait; default the bus's, 30s)
+//	KAGZI_TASK_ACK_WAIT (the task consumer's AckWait; default the bus's, 30s),
+//	KAGZI_NAMESPACE (default), KAGZI_MAX_STEPS (the SDK's limit), KAGZI_DB_MAX_CONNS and
+//	KAGZI_EFFECTS_MAX_CONNS (8 each: the worker's and the oracle's pools), KAGZI_HTTP_ADDR
+//	(off; else Go runtime and process metrics on /metrics), KAGZI_BOMBS (1: also host
+//	chaoswf.Bomb, with a client in the executor's namespace)
 package main
 
 import (
@@ -56,14 +60,23 @@ func run() error {
 			return fmt.Errorf("KAGZI_TASK_ACK_WAIT %q: want a positive duration (%v)", v, err)
 		}
 	}
-	pool, err := store.Connect(ctx, os.Getenv("DATABASE_URL"), 8)
+	k, err := readKnobs()
+	if err != nil {
+		return err
+	}
+	stopMetrics, err := k.serveMetrics()
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
+	pool, err := store.Connect(ctx, os.Getenv("DATABASE_URL"), k.poolConns)
 	if err != nil {
 		return fmt.Errorf("connect worker pool: %w", err)
 	}
 	defer pool.Close()
 	// The oracle's pool is named apart from the worker's, which takes its application_name
 	// from DATABASE_URL: a test that drops the services' connections leaves it alone.
-	effects, err := store.Connect(ctx, withAppName(os.Getenv("DATABASE_URL"), oracleAppName), 8)
+	effects, err := store.Connect(ctx, withAppName(os.Getenv("DATABASE_URL"), oracleAppName), k.effectConns)
 	if err != nil {
 		return fmt.Errorf("connect effects pool: %w", err)
 	}
@@ -76,12 +89,18 @@ func run() error {
 	defer nc.Close()
 	w, err := sdk.NewWorker(sdk.WorkerConfig{Pool: pool, Conn: nc, Lease: lease, Concurrency: conc,
 		RetryBackoff: 100 * time.Millisecond, MaxBackoff: time.Second, ShutdownGrace: time.Second, LocalSleepMax: localSleep,
+		Namespace: k.namespace, Limits: k.limits,
 		Consumer: consumer,
 		Logger:   slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))})
 	if err != nil {
 		return fmt.Errorf("new worker: %w", err)
 	}
-	if err := w.Register(chaoswf.Workflow); err != nil {
+	defs := []sdk.Registration{chaoswf.Workflow}
+	if k.bombs {
+		chaoswf.Client = sdk.NewClient(nc, sdk.WithNamespace(k.namespace), sdk.WithRequestTimeout(2*time.Second))
+		defs = append(defs, chaoswf.Bomb)
+	}
+	if err := w.Register(defs...); err != nil {
 		return fmt.Errorf("register: %w", err)
 	}
 	if err := w.Start(ctx); err != nil {
