@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/kagzi/kagzi/libs/bus"
 	"github.com/kagzi/kagzi/libs/clock"
@@ -57,6 +58,14 @@ type WorkerConfig struct {
 	// SkipSchemaCheck skips the start-up check that the database schema is at least as
 	// new as this SDK. Services that migrate at start-up check by migrating.
 	SkipSchemaCheck bool
+	// IsolateAfterLapses: a run whose last this many attempts in a row ended with their
+	// lease lapsing (their executor died, each time, while holding it) is run alone: the
+	// executor that claims it finishes or hands back its other runs first and takes no
+	// new one until it is done, so that a run which kills its executor (os.Exit, a fatal
+	// error in a step) takes no other run down with it, and no innocent run spends its
+	// attempts on another's crashes. One lapse is not enough to isolate a run: every run
+	// an executor held when it was killed has one. Default 2; negative: never.
+	IsolateAfterLapses int
 }
 
 func (c *WorkerConfig) setDefaults() error {
@@ -102,6 +111,9 @@ func (c *WorkerConfig) setDefaults() error {
 	if c.Clock == nil {
 		c.Clock = clock.Default()
 	}
+	if c.IsolateAfterLapses == 0 {
+		c.IsolateAfterLapses = 2
+	}
 	if c.ID == "" {
 		host, _ := os.Hostname()
 		c.ID = fmt.Sprintf("%s-%d-%s", host, os.Getpid(), wire.NewRunID()[24:])
@@ -120,13 +132,14 @@ type WorkerStats struct {
 	Retried        int64 // attempts that ended in a durable retry
 	FencedRejected int64 // writes refused because another executor holds the run
 	LeaseLost      int64 // runs dropped because their lease was lost
-	Released       int64 // runs handed back at shutdown
+	Released       int64 // runs handed back: at shutdown, or to make way for a run that runs alone
+	RanAlone       int64 // attempts run alone after lapses in a row (IsolateAfterLapses)
 	InFlight       int64
 }
 
 type workerMetrics struct {
 	claimed, claimNoops, poison, stepsRecorded, completed, failed, retried atomic.Int64
-	fencedRejected, leaseLost, released, inFlight, stepTimeouts            atomic.Int64
+	fencedRejected, leaseLost, released, inFlight, stepTimeouts, ranAlone  atomic.Int64
 }
 
 // Worker hosts workflows: it pulls doorbells from the shared JetStream consumer of each
@@ -146,6 +159,12 @@ type Worker struct {
 	// stall.
 	lastLeaseHint atomic.Int64
 	hintEpoch     time.Time
+
+	// gate admits executions, one unit each; a run that must run alone takes them all.
+	// Waiters are served in order, so while such a run waits no other gets ahead of it.
+	// isolating is set while such a run waits or runs: this worker then takes no other.
+	gate      *semaphore.Weighted
+	isolating atomic.Bool
 
 	// Group commit of the hot statements across concurrent runs.
 	claims    *groupcommit.Batcher[store.ClaimRequest, store.ClaimResult]
@@ -180,6 +199,7 @@ func NewWorker(cfg WorkerConfig) (*Worker, error) {
 		defs:  map[string]Registration{},
 		slots: make(chan struct{}, cfg.Concurrency),
 		held:  map[wire.RunID]*runContext{},
+		gate:  semaphore.NewWeighted(int64(cfg.Concurrency)),
 		pl:    payloads{codec: cfg.Codec},
 		// A lease back, so that the first notice is due at once.
 		hintEpoch: cfg.Clock.Now().Add(-cfg.Lease),
@@ -214,7 +234,7 @@ func (w *Worker) Stats() WorkerStats {
 	return WorkerStats{Claimed: m.claimed.Load(), ClaimNoops: m.claimNoops.Load(), Poison: m.poison.Load(),
 		StepsRecorded: m.stepsRecorded.Load(), Completed: m.completed.Load(), Failed: m.failed.Load(),
 		Retried: m.retried.Load(), FencedRejected: m.fencedRejected.Load(), LeaseLost: m.leaseLost.Load(),
-		Released: m.released.Load(), InFlight: m.inFlight.Load()}
+		Released: m.released.Load(), RanAlone: m.ranAlone.Load(), InFlight: m.inFlight.Load()}
 }
 
 // Start checks the schema, announces the worker and begins pulling work. It returns once
@@ -341,18 +361,24 @@ func (w *Worker) handBack() {
 	for _, rc := range held {
 		// Release first, cancel after: the run's own error path (a cancelled step) must
 		// find the run already QUEUED, or its retry write would win and park the run.
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		d, err := w.store.RunRelease(ctx, rc.fenced())
+		w.release(rc, "hand back run at shutdown")
 		rc.loseLease()
-		if err == nil {
-			err = w.bus.PublishTasks(ctx, []bus.Doorbell{{Namespace: d.Namespace, Workflow: d.Workflow,
-				Task: wire.Task{RunID: d.RunID, DispatchSeq: d.DispatchSeq}}})
-			w.metrics.released.Add(1)
-		}
-		cancel()
-		if err != nil && !errors.Is(err, wire.ErrLeaseLost) {
-			rc.log.Warn("hand back run at shutdown", "error", err)
-		}
+	}
+}
+
+// release puts a held run back in the queue without spending an attempt and announces
+// it, for another executor (or this one, later) to take.
+func (w *Worker) release(rc *runContext, what string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	d, err := w.store.RunRelease(ctx, rc.fenced())
+	if err == nil {
+		err = w.bus.PublishTasks(ctx, []bus.Doorbell{{Namespace: d.Namespace, Workflow: d.Workflow,
+			Task: wire.Task{RunID: d.RunID, DispatchSeq: d.DispatchSeq}}})
+		w.metrics.released.Add(1)
+	}
+	if err != nil && !errors.Is(err, wire.ErrLeaseLost) {
+		rc.log.Warn(what, "error", err)
 	}
 }
 
@@ -377,6 +403,12 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 			}
 			cons = c
 		}
+		// While a run waits to run alone, or runs alone, take no new work: a message taken
+		// now would be claimed and then wait beside that run, exposed to its crash.
+		if err := w.gate.Acquire(ctx, 1); err != nil {
+			return
+		}
+		w.gate.Release(1)
 		n := w.acquireSlots(ctx, want)
 		if n == 0 {
 			return
@@ -475,6 +507,12 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 	// claims must come to nothing.
 	if err := failpoint.Inject(failpoint.ClaimBeforeClaim); err != nil {
 		_ = msg.NakWithDelay(time.Second)
+		return
+	}
+	if w.isolating.Load() {
+		// A run waits here to run alone, or runs alone: the doorbell goes to another
+		// executor rather than wait beside it.
+		_ = msg.Nak()
 		return
 	}
 	claimSent := w.cfg.Clock.Now()
@@ -587,6 +625,11 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 		w.mu.Unlock()
 		w.metrics.inFlight.Add(-1)
 	}()
+	done, ok := w.admit(rc)
+	if !ok {
+		return
+	}
+	defer done()
 
 	out, u, err := w.invoke(rc)
 	switch {
@@ -600,6 +643,48 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 	default:
 		w.finishCompleted(rc, out)
 	}
+}
+
+// admit lets a claimed run execute and returns what to call when it is done. A run
+// whose last IsolateAfterLapses attempts each ended with its lease lapsing is likely
+// what brings its executors down: it runs alone. It waits for the runs in progress for
+// at most a lease (its own lease renewed meanwhile) and is handed back for another
+// executor if they have not finished by then; while it waits or runs, every other run
+// this worker claims is handed back at once. Runs handed back are unstarted and spend no
+// attempt. Not ok: the run was handed back, or lost while it waited.
+func (w *Worker) admit(rc *runContext) (done func(), ok bool) {
+	suspect := w.cfg.IsolateAfterLapses > 0 && rc.run.Lapses >= w.cfg.IsolateAfterLapses
+	if !suspect || w.cfg.Concurrency == 1 {
+		// TryAcquire fails while a run waits to run alone or runs alone.
+		if !w.gate.TryAcquire(1) {
+			w.release(rc, "hand back run beside one that runs alone")
+			return nil, false
+		}
+		if suspect {
+			w.metrics.ranAlone.Add(1) // one slot: it is alone anyway
+		}
+		return func() { w.gate.Release(1) }, true
+	}
+	if !w.isolating.CompareAndSwap(false, true) {
+		w.release(rc, "hand back run: another runs alone here")
+		return nil, false
+	}
+	all := int64(w.cfg.Concurrency)
+	ctx, cancel := context.WithTimeout(rc, w.cfg.Lease)
+	err := w.gate.Acquire(ctx, all)
+	cancel()
+	if err == nil {
+		w.metrics.ranAlone.Add(1)
+		rc.log.Info("running alone: its last attempts ended with their lease lapsing", "lapses", rc.run.Lapses)
+		return func() { w.gate.Release(all); w.isolating.Store(false) }, true
+	}
+	w.isolating.Store(false)
+	if rc.Err() == nil {
+		// The runs here did not finish within a lease: let another executor try, rather
+		// than keep this one from working or run beside them.
+		w.release(rc, "hand back run that could not run alone")
+	}
+	return nil, false
 }
 
 // invoke runs the workflow function, recovering the SDK's unwinding and user panics.

@@ -111,7 +111,10 @@ type ClaimedRun struct {
 	Fence          int64
 	DBNow          time.Time // the database clock at the claim: replay compares wake times to it
 	LeaseExpiresAt time.Time
-	Steps          []Step
+	// Lapses counts the attempts in a row before this one that ended with the lease
+	// lapsing (workflow_runs.lapses): a run with several may be what kills its executor.
+	Lapses int
+	Steps  []Step
 }
 
 // The claim names the dispatch it answers (dispatch_seq), so a stale, duplicated or forged
@@ -122,7 +125,7 @@ UPDATE workflow_runs SET
     lease_expires_at = now() + $6::bigint * interval '1 microsecond',
     started_at = coalesce(started_at, now()), updated_at = now()
 WHERE id = $1 AND dispatch_seq = $2 AND namespace = $3 AND workflow = $4 AND status = 'QUEUED'
-RETURNING version, input, attempt, max_attempts, fence, now(), lease_expires_at`
+RETURNING version, input, attempt, max_attempts, fence, now(), lease_expires_at, lapses`
 
 // RunClaim takes a QUEUED run for this executor: status RUNNING, fence+1, a lease from
 // the database clock. ok is false when the dispatch is stale or the run is not QUEUED
@@ -136,7 +139,7 @@ func (s *Store) RunClaim(ctx context.Context, p RunClaimParams) (run ClaimedRun,
 	defer br.Close()
 
 	run = ClaimedRun{ID: p.RunID, Namespace: p.Namespace, Workflow: p.Workflow}
-	err = br.QueryRow().Scan(&run.Version, &run.Input, &run.Attempt, &run.MaxAttempts, &run.Fence, &run.DBNow, &run.LeaseExpiresAt)
+	err = br.QueryRow().Scan(&run.Version, &run.Input, &run.Attempt, &run.MaxAttempts, &run.Fence, &run.DBNow, &run.LeaseExpiresAt, &run.Lapses)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return ClaimedRun{}, false, nil
 	}
@@ -203,7 +206,7 @@ UPDATE workflow_runs SET
     wake_at = CASE WHEN $4 AND attempt < max_attempts THEN now() + $5::bigint * interval '1 microsecond' ELSE wake_at END,
     finished_at = CASE WHEN $4 AND attempt < max_attempts THEN NULL ELSE now() END,
     attempt = CASE WHEN $4 AND attempt < max_attempts THEN attempt + 1 ELSE attempt END,
-    error = $3, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+    error = $3, lapses = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 WHERE id = $1 AND fence = $2 AND status = 'RUNNING'
 RETURNING status, attempt, CASE WHEN status = 'SLEEPING' THEN wake_at END`
 
@@ -239,7 +242,7 @@ const runSleepSQL = `
 WITH r AS (
     UPDATE workflow_runs SET status = 'SLEEPING',
         wake_at = coalesce($5::timestamptz, now() + $6::bigint * interval '1 microsecond'),
-        lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+        lapses = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
     WHERE id = $1 AND fence = $2 AND status = 'RUNNING'
     RETURNING id, wake_at
 ), s AS (
@@ -358,7 +361,8 @@ type LeaseExpiry struct {
 }
 
 // Uses workflow_runs_running_lease. An expired lease costs an attempt, so a run that
-// kills its executor every time (os.Exit in a step) ends FAILED instead of looping.
+// kills its executor every time (os.Exit in a step) ends FAILED instead of looping; it
+// also counts a lapse, so that executors run a repeat offender alone.
 const runsExpireLeasesSQL = `
 WITH due AS (
     SELECT id FROM workflow_runs
@@ -373,6 +377,7 @@ UPDATE workflow_runs r SET
     error = CASE WHEN r.attempt < r.max_attempts THEN r.error
         ELSE 'lease expired on attempt ' || r.attempt || ' of ' || r.max_attempts || ': the executor stopped renewing it (crashed, killed or partitioned)' END,
     finished_at = CASE WHEN r.attempt < r.max_attempts THEN NULL ELSE now() END,
+    lapses = r.lapses + 1,
     queued_at = now(), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM due WHERE r.id = due.id
 RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq, r.status`

@@ -3,6 +3,7 @@ package store_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -212,5 +213,53 @@ func TestApplicationName(t *testing.T) {
 		if err != nil || got != c.want {
 			t.Errorf("application_name = %q (%v), want %q", got, err, c.want)
 		}
+	}
+}
+
+// Lapses count the attempts in a row that ended with the lease lapsing; an attempt that
+// ends any other way (a park, a failure with a retry) starts the count again.
+func TestLapsesInARow(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	ctx := context.Background()
+	d := insertRun(t, s, "lapses").Dispatch
+	far := time.Now().Add(24 * time.Hour)
+	expire := func() store.Dispatch {
+		t.Helper()
+		es, err := s.RunsExpireLeases(ctx, store.SweepParams{Now: &far, Limit: 10})
+		if err != nil || len(es) != 1 {
+			t.Fatalf("expire = %+v, %v", es, err)
+		}
+		return es[0].Dispatch
+	}
+	wakeUp := func() store.Dispatch {
+		t.Helper()
+		ds, err := s.RunsWakeDue(ctx, store.SweepParams{Now: &far, Limit: 10})
+		if err != nil || len(ds) != 1 {
+			t.Fatalf("wake = %+v, %v", ds, err)
+		}
+		return ds[0]
+	}
+	var got []int
+	run, _ := claim(t, s, d, "a")
+	got = append(got, run.Lapses)
+	run, _ = claim(t, s, expire(), "b")
+	got = append(got, run.Lapses)
+	run, _ = claim(t, s, expire(), "c")
+	got = append(got, run.Lapses)
+	if _, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: store.FencedParams{RunID: run.ID, Fence: run.Fence}, StepKey: "nap", Duration: time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	run, _ = claim(t, s, wakeUp(), "d")
+	got = append(got, run.Lapses)
+	run, _ = claim(t, s, expire(), "e")
+	got = append(got, run.Lapses)
+	if _, err := s.RunFail(ctx, store.RunFailParams{FencedParams: store.FencedParams{RunID: run.ID, Fence: run.Fence}, Error: "x", Retry: true, Backoff: time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	run, _ = claim(t, s, wakeUp(), "f")
+	got = append(got, run.Lapses)
+	if want := []int{0, 1, 2, 0, 1, 0}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("lapses at each claim = %v, want %v", got, want)
 	}
 }
