@@ -374,7 +374,7 @@ func (w *Worker) release(rc *runContext, what string) {
 	d, err := w.store.RunRelease(ctx, rc.fenced())
 	if err == nil {
 		err = w.bus.PublishTasks(ctx, []bus.Doorbell{{Namespace: d.Namespace, Workflow: d.Workflow,
-			Task: wire.Task{RunID: d.RunID, DispatchSeq: d.DispatchSeq}}})
+			Task: wire.Task{RunID: d.RunID, DispatchSeq: d.DispatchSeq, Lapses: d.Lapses}}})
 		w.metrics.released.Add(1)
 	}
 	if err != nil && !errors.Is(err, wire.ErrLeaseLost) {
@@ -509,10 +509,20 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 		_ = msg.NakWithDelay(time.Second)
 		return
 	}
-	if w.isolating.Load() {
+	alone := false
+	if w.suspect(task.Lapses) {
+		// Room is made before the claim: while the other runs finish, the run is not
+		// held, so should this executor die meanwhile it costs the run no attempt.
+		done, ok := w.makeRoom(msg)
+		if !ok {
+			return
+		}
+		defer done()
+		alone = true
+	} else if w.isolating.Load() {
 		// A run waits here to run alone, or runs alone: the doorbell goes to another
 		// executor rather than wait beside it.
-		_ = msg.Nak()
+		_ = msg.NakWithDelay(100 * time.Millisecond)
 		return
 	}
 	claimSent := w.cfg.Clock.Now()
@@ -544,7 +554,7 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 	_ = msg.Ack()
 	w.metrics.claimed.Add(1)
 	w.hintLease(run.LeaseExpiresAt)
-	w.execute(def, run, claimSent)
+	w.execute(def, run, claimSent, alone)
 }
 
 // recheckClaim settles a claim that came back with an error. The claim may have committed
@@ -587,7 +597,7 @@ func (w *Worker) executing(id wire.RunID, fence int64) bool {
 }
 
 // execute replays a claimed run to its next stopping point.
-func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.Time) {
+func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.Time, alone bool) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	rc := &runContext{
@@ -625,11 +635,16 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 		w.mu.Unlock()
 		w.metrics.inFlight.Add(-1)
 	}()
-	done, ok := w.admit(rc)
-	if !ok {
-		return
+	if alone {
+		w.metrics.ranAlone.Add(1)
+		rc.log.Info("running alone: its last attempts ended with their lease lapsing", "lapses", run.Lapses)
+	} else {
+		done, ok := w.admit(rc)
+		if !ok {
+			return
+		}
+		defer done()
 	}
-	defer done()
 
 	out, u, err := w.invoke(rc)
 	switch {
@@ -653,7 +668,7 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 // this worker claims is handed back at once. Runs handed back are unstarted and spend no
 // attempt. Not ok: the run was handed back, or lost while it waited.
 func (w *Worker) admit(rc *runContext) (done func(), ok bool) {
-	suspect := w.cfg.IsolateAfterLapses > 0 && rc.run.Lapses >= w.cfg.IsolateAfterLapses
+	suspect := w.suspect(rc.run.Lapses)
 	if !suspect || w.cfg.Concurrency == 1 {
 		// TryAcquire fails while a run waits to run alone or runs alone.
 		if !w.gate.TryAcquire(1) {
@@ -685,6 +700,47 @@ func (w *Worker) admit(rc *runContext) (done func(), ok bool) {
 		w.release(rc, "hand back run that could not run alone")
 	}
 	return nil, false
+}
+
+// suspect says whether a run with this many lapses in a row runs alone.
+func (w *Worker) suspect(lapses int) bool {
+	return w.cfg.IsolateAfterLapses > 0 && lapses >= w.cfg.IsolateAfterLapses
+}
+
+// makeRoom waits, before claiming a doorbell whose run must run alone, until this worker
+// runs nothing else, and takes no new work meanwhile; done gives the room back. It waits
+// at most a lease, keeping the message in progress; not ok: another run already waits
+// here to run alone, or the others did not finish in time, and the doorbell went back
+// for another executor.
+func (w *Worker) makeRoom(msg jetstream.Msg) (done func(), ok bool) {
+	if w.cfg.Concurrency == 1 {
+		return func() {}, true // its slot is the only one
+	}
+	if !w.isolating.CompareAndSwap(false, true) {
+		_ = msg.NakWithDelay(100 * time.Millisecond)
+		return nil, false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), w.cfg.Lease)
+	defer cancel()
+	go func() {
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				_ = msg.InProgress()
+			}
+		}
+	}()
+	all := int64(w.cfg.Concurrency)
+	if err := w.gate.Acquire(ctx, all); err != nil {
+		w.isolating.Store(false)
+		_ = msg.Nak()
+		return nil, false
+	}
+	return func() { w.gate.Release(all); w.isolating.Store(false) }, true
 }
 
 // invoke runs the workflow function, recovering the SDK's unwinding and user panics.

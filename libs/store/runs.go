@@ -24,6 +24,8 @@ type Dispatch struct {
 	// JetStream's de-duplication, while the dispatch itself, and every doorbell already
 	// queued for it, stays valid.
 	Resend int64
+	// Lapses: attempts in a row that ended with the lease lapsing (ClaimedRun.Lapses).
+	Lapses int
 }
 
 // RunInsertParams describes a new run.
@@ -273,13 +275,13 @@ const runReleaseSQL = `
 UPDATE workflow_runs SET status = 'QUEUED', dispatch_seq = dispatch_seq + 1, queued_at = now(),
     lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 WHERE id = $1 AND fence = $2 AND status = 'RUNNING'
-RETURNING namespace, workflow, dispatch_seq`
+RETURNING namespace, workflow, dispatch_seq, lapses`
 
 // RunRelease hands a held run back to the queue without spending an attempt (graceful
 // shutdown). The caller publishes the returned dispatch.
 func (s *Store) RunRelease(ctx context.Context, p FencedParams) (Dispatch, error) {
 	d := Dispatch{RunID: p.RunID}
-	err := s.db.QueryRow(ctx, runReleaseSQL, p.RunID, p.Fence).Scan(&d.Namespace, &d.Workflow, &d.DispatchSeq)
+	err := s.db.QueryRow(ctx, runReleaseSQL, p.RunID, p.Fence).Scan(&d.Namespace, &d.Workflow, &d.DispatchSeq, &d.Lapses)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return d, fmt.Errorf("release run %s (fence %d): %w", p.RunID, p.Fence, wire.ErrLeaseLost)
 	}
@@ -380,7 +382,7 @@ UPDATE workflow_runs r SET
     lapses = r.lapses + 1,
     queued_at = now(), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM due WHERE r.id = due.id
-RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq, r.status`
+RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq, r.lapses, r.status`
 
 // RunsExpireLeases re-queues runs whose lease lapsed (or fails them when their attempts
 // are spent).
@@ -391,7 +393,7 @@ func (s *Store) RunsExpireLeases(ctx context.Context, p SweepParams) ([]LeaseExp
 	}
 	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (LeaseExpiry, error) {
 		var e LeaseExpiry
-		err := row.Scan(&e.RunID, &e.Namespace, &e.Workflow, &e.DispatchSeq, &e.Status)
+		err := row.Scan(&e.RunID, &e.Namespace, &e.Workflow, &e.DispatchSeq, &e.Lapses, &e.Status)
 		return e, err
 	})
 	if err != nil {
@@ -423,7 +425,7 @@ WITH due AS (
 )
 UPDATE workflow_runs r SET relays = r.relays + 1, queued_at = now(), updated_at = now()
 FROM due WHERE r.id = due.id
-RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq, r.relays`
+RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq, r.relays, r.lapses`
 
 // RunsRedispatchStale announces again the dispatch of runs that sat QUEUED unclaimed for
 // StaleAfter: the relay of the QUEUED-row outbox. It keeps dispatch_seq: the doorbell
@@ -439,7 +441,7 @@ func (s *Store) RunsRedispatchStale(ctx context.Context, p RedispatchParams) ([]
 	}
 	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (Dispatch, error) {
 		var d Dispatch
-		err := row.Scan(&d.RunID, &d.Namespace, &d.Workflow, &d.DispatchSeq, &d.Resend)
+		err := row.Scan(&d.RunID, &d.Namespace, &d.Workflow, &d.DispatchSeq, &d.Resend, &d.Lapses)
 		return d, err
 	})
 	if err != nil {

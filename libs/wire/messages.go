@@ -35,6 +35,10 @@ type StartReply struct {
 type Task struct {
 	RunID       RunID `json:"run_id"`
 	DispatchSeq int64 `json:"dispatch_seq"`
+	// Lapses is how many attempts in a row before this dispatch ended with the run's
+	// lease lapsing: an executor runs a repeat offender alone, and can make room for it
+	// before claiming it. A hint only; the claim returns the count that holds.
+	Lapses int `json:"lapses,omitempty"`
 }
 
 // RunDone announces that a run reached a terminal status.

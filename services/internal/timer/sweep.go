@@ -124,7 +124,7 @@ func (t *Timer) publish(ctx context.Context, point string, ds []store.Dispatch) 
 	bells := make([]bus.Doorbell, len(ds))
 	for i, d := range ds {
 		bells[i] = bus.Doorbell{Namespace: d.Namespace, Workflow: d.Workflow,
-			Task: wire.Task{RunID: d.RunID, DispatchSeq: d.DispatchSeq}, Resend: d.Resend}
+			Task: wire.Task{RunID: d.RunID, DispatchSeq: d.DispatchSeq, Lapses: d.Lapses}, Resend: d.Resend}
 	}
 	if err := t.b.PublishTasks(ctx, bells); err != nil {
 		t.m.PublishFailures.Inc()

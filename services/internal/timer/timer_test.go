@@ -227,9 +227,10 @@ func TestExpiredLeaseRequeued(t *testing.T) {
 	e.claim(t, d, 200*time.Millisecond) // and never renewed: the executor died
 	e.startTimer(t, timer.Config{})
 
+	// The doorbell says the attempt before it lapsed: executors isolate repeat offenders.
 	task, _ := nextTask(t, cons, 10*time.Second)
-	if task.RunID != d.RunID || task.DispatchSeq != 2 {
-		t.Fatalf("doorbell = %+v, want run %s dispatch 2", task, d.RunID)
+	if task.RunID != d.RunID || task.DispatchSeq != 2 || task.Lapses != 1 {
+		t.Fatalf("doorbell = %+v, want run %s dispatch 2 after 1 lapse", task, d.RunID)
 	}
 	info, err := e.st.RunGet(ctx, wire.DefaultNamespace, d.RunID)
 	if err != nil {
