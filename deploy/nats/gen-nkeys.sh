@@ -4,8 +4,8 @@
 #   deploy/nats/gen-nkeys.sh OUT_DIR
 #
 # writes OUT_DIR/<identity>.nk (the seed: the secret the service holds, mode 0600; give
-# it to the service as NATS_NKEY_SEED) for scheduler, timer, executor, client and
-# operator, and OUT_DIR/nkeys.env with the public keys as KAGZI_NKEY_<IDENTITY>=U…, the
+# it to the service as NATS_NKEY_SEED) for scheduler, timer, executor, client, operator
+# and the example tenant identity tenant_a, and OUT_DIR/nkeys.env with the public keys as KAGZI_NKEY_<IDENTITY>=U…, the
 # environment nats-server needs. Public keys are not secret; seeds are. An existing seed
 # is kept, so running it again only fills in what is missing (delete a seed to rotate it).
 #
@@ -28,7 +28,7 @@ umask 077
 mkdir -p "$out"
 env_file="$out/nkeys.env"
 : >"$env_file.tmp"
-for id in scheduler timer executor client operator; do
+for id in scheduler timer executor client operator tenant_a; do
 	seed_file="$out/$id.nk"
 	if [[ ! -s "$seed_file" ]]; then
 		nk -gen user >"$seed_file.tmp" 2>&1

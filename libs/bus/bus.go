@@ -31,6 +31,9 @@ type ConnOptions struct {
 	TLSCA     string // path of a CA bundle to verify the server with
 	TLSCert   string // client certificate (mutual TLS)
 	TLSKey    string
+	// InboxPrefix replaces _INBOX as the prefix of reply subjects, so an identity can be
+	// allowed its own replies only (nats-secure.conf's tenant identities).
+	InboxPrefix string
 }
 
 // Connect dials NATS and keeps reconnecting forever: a service that loses the broker
@@ -68,6 +71,9 @@ func Connect(o ConnOptions) (*nats.Conn, error) {
 	}
 	if o.TLSCert != "" {
 		opts = append(opts, nats.ClientCert(o.TLSCert, o.TLSKey))
+	}
+	if o.InboxPrefix != "" {
+		opts = append(opts, nats.CustomInboxPrefix(o.InboxPrefix))
 	}
 	nc, err := nats.Connect(url, opts...)
 	if err != nil {
@@ -282,10 +288,11 @@ func (b *Bus) PublishTasks(ctx context.Context, bells []Doorbell) error {
 	return errors.Join(errs...)
 }
 
-// PublishDone announces a terminal run on core NATS. Best effort: waiters fall back to
-// reading PostgreSQL.
+// PublishDone announces a terminal run on core NATS, on its namespace's subject (the
+// notice carries the outcome: only that namespace's clients may read it). Best effort:
+// waiters fall back to reading PostgreSQL.
 // A result whose output is over wire.DoneInlineMax, or is not JSON, is left out.
-func (b *Bus) PublishDone(runID wire.RunID, status wire.Status, res *wire.RunResult) {
+func (b *Bus) PublishDone(namespace string, runID wire.RunID, status wire.Status, res *wire.RunResult) {
 	if res != nil && len(res.Output)+len(res.Error) > wire.DoneInlineMax {
 		res = nil
 	}
@@ -293,7 +300,7 @@ func (b *Bus) PublishDone(runID wire.RunID, status wire.Status, res *wire.RunRes
 	if err != nil {
 		data, _ = json.Marshal(wire.RunDone{RunID: runID, Status: status})
 	}
-	_ = b.nc.Publish(wire.DoneSubject(runID), data)
+	_ = b.nc.Publish(wire.DoneSubject(namespace, runID), data)
 }
 
 // PublishTimerHint tells timers that a run will be due at wakeAt. Best effort: the timer's

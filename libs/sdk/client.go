@@ -113,7 +113,7 @@ func (c *Client) StartByName(ctx context.Context, workflow string, input any, op
 		return "", fmt.Errorf("encode start request: %w", err)
 	}
 	var reply wire.StartReply
-	if err := c.request(ctx, wire.StartSubject(workflow), body, &reply); err != nil {
+	if err := c.request(ctx, wire.StartSubject(req.Namespace, workflow), body, &reply); err != nil {
 		return "", fmt.Errorf("start %s: %w", workflow, err)
 	}
 	if reply.Error != nil {
@@ -126,6 +126,11 @@ func (c *Client) StartByName(ctx context.Context, workflow string, input any, op
 // client has a codec.
 func (c *Client) startRequest(workflow string, input any, opts []StartOption) (wire.StartRequest, error) {
 	if err := wire.ValidateName("workflow", workflow); err != nil {
+		return wire.StartRequest{}, err
+	}
+	// The namespace becomes a subject token: a name outside the safe alphabet must not
+	// reach NATS.
+	if err := wire.ValidateName("namespace", c.namespace); err != nil {
 		return wire.StartRequest{}, err
 	}
 	data, err := json.Marshal(input)
@@ -183,7 +188,7 @@ func (c *Client) SubmitByName(ctx context.Context, workflow string, input any, o
 	}
 	// The request id doubles as the JetStream de-duplication id, so a retried publish
 	// is stored once.
-	if _, err := js.Publish(ctx, wire.SubmitSubject(workflow), body, jetstream.WithMsgID(req.RequestID)); err != nil {
+	if _, err := js.Publish(ctx, wire.SubmitSubject(req.Namespace, workflow), body, jetstream.WithMsgID(req.RequestID)); err != nil {
 		return "", fmt.Errorf("submit %s: %w: %v", workflow, wire.ErrUnavailable, err)
 	}
 	return req.RequestID, nil
@@ -191,9 +196,12 @@ func (c *Client) SubmitByName(ctx context.Context, workflow string, input any, o
 
 // Describe reads a run and its steps. ErrRunNotFound when the namespace has no such run.
 func (c *Client) Describe(ctx context.Context, runID string) (*RunInfo, error) {
+	if err := wire.ValidateName("namespace", c.namespace); err != nil {
+		return nil, fmt.Errorf("describe run %s: %w", runID, err)
+	}
 	body, _ := json.Marshal(wire.DescribeRequest{Namespace: c.namespace, RunID: runID})
 	var reply wire.DescribeReply
-	if err := c.request(ctx, wire.DescribeSubject, body, &reply); err != nil {
+	if err := c.request(ctx, wire.DescribeSubject(c.namespace), body, &reply); err != nil {
 		return nil, fmt.Errorf("describe run %s: %w", runID, err)
 	}
 	if reply.Error != nil {
@@ -250,7 +258,14 @@ func (c *Client) Wait(ctx context.Context, runID string) (*RunInfo, error) {
 // and the database on the way from the last commit to the caller.
 func (c *Client) wait(ctx context.Context, runID string, outcomeOnly bool) (*RunInfo, error) {
 	notices := make(chan *nats.Msg, 1)
-	sub, err := c.nc.ChanSubscribe(wire.DoneSubject(runID), notices)
+	if err := wire.ValidateName("namespace", c.namespace); err != nil {
+		return nil, fmt.Errorf("wait for run %s: %w", runID, err)
+	}
+	// The id becomes a subject token too: one that is not a UUID could be a wildcard.
+	if !wire.ValidRunID(runID) {
+		return nil, wire.Errorf(wire.ErrInvalidArgument, "run id %q is not a UUID", runID)
+	}
+	sub, err := c.nc.ChanSubscribe(wire.DoneSubject(c.namespace, runID), notices)
 	if err != nil {
 		return nil, fmt.Errorf("wait for run %s: %w", runID, err)
 	}

@@ -3,7 +3,6 @@ package sdk_test
 import (
 	"context"
 	"encoding/json"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -76,10 +75,18 @@ func setupEnv(dbURL, natsURL, name string) (*env, func(), error) {
 }
 
 func (e *env) serveStarts() (stop func(), err error) {
-	sub, err := e.nc.Subscribe(wire.StartSubjectPrefix+"*", func(m *nats.Msg) {
+	sub, err := e.nc.Subscribe(wire.StartSubjects, func(m *nats.Msg) {
 		var req wire.StartRequest
 		reply := func(r wire.StartReply) { data, _ := json.Marshal(r); _ = m.Respond(data) }
 		if err := json.Unmarshal(m.Data, &req); err != nil {
+			reply(wire.StartReply{Error: wire.ToError(err)})
+			return
+		}
+		ns, workflow, err := wire.ParseStartSubject(wire.StartSubjectPrefix, m.Subject)
+		if err == nil {
+			req.Namespace, err = wire.RequestNamespace(ns, req.Namespace)
+		}
+		if err != nil {
 			reply(wire.StartReply{Error: wire.ToError(err)})
 			return
 		}
@@ -92,7 +99,7 @@ func (e *env) serveStarts() (stop func(), err error) {
 			id = req.RequestID
 		}
 		res, err := e.st.RunInsert(context.Background(), store.RunInsertParams{ID: id, Namespace: req.Namespace,
-			Workflow: strings.TrimPrefix(m.Subject, wire.StartSubjectPrefix), Input: req.Input, IdempotencyKey: key, MaxAttempts: req.MaxAttempts})
+			Workflow: workflow, Input: req.Input, IdempotencyKey: key, MaxAttempts: req.MaxAttempts})
 		if err != nil {
 			reply(wire.StartReply{Error: wire.ToError(err)})
 			return
@@ -105,11 +112,18 @@ func (e *env) serveStarts() (stop func(), err error) {
 	if err != nil {
 		return nil, err
 	}
-	desc, err := e.nc.Subscribe(wire.DescribeSubject, func(m *nats.Msg) {
+	desc, err := e.nc.Subscribe(wire.DescribeSubjects, func(m *nats.Msg) {
 		e.describes.Add(1)
 		var req wire.DescribeRequest
 		_ = json.Unmarshal(m.Data, &req)
-		info, err := e.st.RunGet(context.Background(), req.Namespace, req.RunID)
+		ns, _, err := wire.ParseAPISubject(m.Subject)
+		if err == nil {
+			req.Namespace, err = wire.RequestNamespace(ns, req.Namespace)
+		}
+		var info wire.RunInfo
+		if err == nil {
+			info, err = e.st.RunGet(context.Background(), req.Namespace, req.RunID)
+		}
 		var r wire.DescribeReply
 		if err != nil {
 			r.Error = wire.ToError(err)

@@ -800,7 +800,7 @@ func (w *Worker) finishCompleted(rc *runContext, out []byte) {
 		w.metrics.stepsRecorded.Add(1)
 	}
 	w.metrics.completed.Add(1)
-	w.bus.PublishDone(rc.run.ID, wire.StatusCompleted, &wire.RunResult{Attempt: rc.run.Attempt, Output: out})
+	w.bus.PublishDone(rc.run.Namespace, rc.run.ID, wire.StatusCompleted, &wire.RunResult{Attempt: rc.run.Attempt, Output: out})
 	rc.log.Debug("run completed")
 }
 
@@ -834,7 +834,7 @@ func (w *Worker) finishFailed(rc *runContext, cause error, retry bool) {
 	}
 	if res.Status == wire.StatusFailed {
 		w.metrics.failed.Add(1)
-		w.bus.PublishDone(rc.run.ID, wire.StatusFailed, &wire.RunResult{Attempt: rc.run.Attempt, Error: stored})
+		w.bus.PublishDone(rc.run.Namespace, rc.run.ID, wire.StatusFailed, &wire.RunResult{Attempt: rc.run.Attempt, Error: stored})
 		rc.log.Warn("run failed", "error", msg)
 		return
 	}

@@ -17,7 +17,10 @@ var (
 	ErrNonDeterminism      = errors.New("nondeterminism")
 	ErrLimitExceeded       = errors.New("limit exceeded")
 	ErrUnavailable         = errors.New("unavailable")
-	ErrSchemaTooOld        = errors.New("database schema is older than this binary")
+	// ErrPermissionDenied: the caller may not do this, e.g. a request whose body names
+	// another namespace than the subject its identity was allowed to publish on.
+	ErrPermissionDenied = errors.New("permission denied")
+	ErrSchemaTooOld     = errors.New("database schema is older than this binary")
 )
 
 // Code names an error class on the wire.
@@ -33,6 +36,7 @@ const (
 	CodeNonDeterminism      Code = "nondeterminism"
 	CodeLimitExceeded       Code = "limit_exceeded"
 	CodeUnavailable         Code = "unavailable"
+	CodePermissionDenied    Code = "permission_denied"
 	CodeInternal            Code = "internal"
 )
 
@@ -48,6 +52,7 @@ var codeSentinels = []struct {
 	{CodeNonDeterminism, ErrNonDeterminism},
 	{CodeLimitExceeded, ErrLimitExceeded},
 	{CodeUnavailable, ErrUnavailable},
+	{CodePermissionDenied, ErrPermissionDenied},
 }
 
 // Error is an error as it travels in a reply: a stable code and a human message.

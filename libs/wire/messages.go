@@ -9,10 +9,12 @@ import (
 const DefaultNamespace = "default"
 
 // StartRequest asks a scheduler to start a run. It is the JSON body on
-// kagzi.start.<workflow> (request-reply) and kagzi.submit.<workflow> (JetStream).
+// kagzi.start.<namespace>.<workflow> (request-reply) and kagzi.submit.<namespace>.<workflow>
+// (JetStream).
 type StartRequest struct {
-	Namespace string          `json:"namespace,omitempty"` // default "default"
-	Input     json.RawMessage `json:"input"`               // any JSON value; null when absent
+	// Namespace, when set, must be the subject's (else permission_denied); empty takes it.
+	Namespace string          `json:"namespace,omitempty"`
+	Input     json.RawMessage `json:"input"` // any JSON value; null when absent
 	// IdempotencyKey makes the start idempotent: a second start with the same key and
 	// input returns the first run; with another input it fails with idempotency_conflict.
 	IdempotencyKey string `json:"idempotency_key,omitempty"`
@@ -67,8 +69,9 @@ type TimerHint struct {
 	WakeAt time.Time `json:"wake_at"`
 }
 
-// DescribeRequest reads one run.
+// DescribeRequest reads one run. It is the JSON body on kagzi.api.<namespace>.describe.
 type DescribeRequest struct {
+	// Namespace, when set, must be the subject's (else permission_denied); empty takes it.
 	Namespace string `json:"namespace,omitempty"`
 	RunID     RunID  `json:"run_id"`
 }

@@ -1,24 +1,44 @@
 package wire
 
-import "strconv"
+import (
+	"strconv"
+	"strings"
+)
 
 // Subjects and stream names. Every token built from a name passes ValidateName first, so
 // no subject ever holds a raw '.', '*', '>' or whitespace from user input.
+//
+// Every subject a client uses names its namespace in a fixed token, so NATS permissions
+// can confine a client identity to one namespace: kagzi.start.<ns>.>, kagzi.submit.<ns>.>,
+// kagzi.api.<ns>.> to publish and kagzi.run.<ns>.*.done to subscribe. The scheduler
+// refuses a request whose body names another namespace than its subject
+// (ErrPermissionDenied), so a body cannot reach past what the subject was allowed.
 const (
-	// StartSubjectPrefix + workflow: request-reply starts, served by the schedulers'
-	// queue group and answered only after the run row is committed.
+	// StartSubjectPrefix + namespace + "." + workflow: request-reply starts, served by
+	// the schedulers' queue group and answered only after the run row is committed.
 	StartSubjectPrefix = "kagzi.start."
-	// SubmitSubjectPrefix + workflow: fire-and-forget starts published with JetStream;
-	// the submit stream holds them until a scheduler has committed them.
+	// SubmitSubjectPrefix + namespace + "." + workflow: fire-and-forget starts published
+	// with JetStream; the submit stream holds them until a scheduler has committed them.
 	SubmitSubjectPrefix = "kagzi.submit."
 	// TaskSubjectPrefix + namespace + "." + workflow: task doorbells.
 	TaskSubjectPrefix = "kagzi.task."
-	// RunSubjectPrefix + run id + ".done": completion notices (core NATS).
+	// RunSubjectPrefix + namespace + "." + run id + ".done": completion notices (core
+	// NATS). They carry the run's outcome, hence the namespace.
 	RunSubjectPrefix = "kagzi.run."
-	// DescribeSubject: request-reply read of a run and its steps, served by schedulers.
-	DescribeSubject = "kagzi.api.describe"
+	// APISubjectPrefix + namespace + "." + operation: request-reply reads served by the
+	// schedulers (DescribeOp).
+	APISubjectPrefix = "kagzi.api."
+	// DescribeOp is the API operation that reads a run and its steps.
+	DescribeOp = "describe"
 	// TimerHintSubject: executors tell timers of a new, possibly sooner, wake time.
 	TimerHintSubject = "kagzi.timer.hint"
+
+	// StartSubjects, DescribeSubjects and DoneSubjects match the subjects of every
+	// namespace: what the schedulers subscribe to, and what an all-namespace identity
+	// is allowed.
+	StartSubjects    = StartSubjectPrefix + "*.*"
+	DescribeSubjects = APISubjectPrefix + "*." + DescribeOp
+	DoneSubjects     = RunSubjectPrefix + "*.*.done"
 
 	SubmitStream = "KAGZI_SUBMIT"
 	TaskStream   = "KAGZI_TASKS"
@@ -27,19 +47,77 @@ const (
 	SchedulerQueueGroup = "kagzi-scheduler"
 )
 
-// StartSubject is the request-reply start subject of a workflow.
-func StartSubject(workflow string) string { return StartSubjectPrefix + workflow }
+// StartSubject is the request-reply start subject of a workflow in a namespace.
+func StartSubject(namespace, workflow string) string {
+	return StartSubjectPrefix + namespace + "." + workflow
+}
 
-// SubmitSubject is the JetStream start subject of a workflow.
-func SubmitSubject(workflow string) string { return SubmitSubjectPrefix + workflow }
+// SubmitSubject is the JetStream start subject of a workflow in a namespace.
+func SubmitSubject(namespace, workflow string) string {
+	return SubmitSubjectPrefix + namespace + "." + workflow
+}
 
 // TaskSubject is the subject of a workflow's task doorbells.
 func TaskSubject(namespace, workflow string) string {
 	return TaskSubjectPrefix + namespace + "." + workflow
 }
 
+// DescribeSubject is where a namespace's runs are described.
+func DescribeSubject(namespace string) string {
+	return APISubjectPrefix + namespace + "." + DescribeOp
+}
+
 // DoneSubject is where a run's completion is announced.
-func DoneSubject(runID RunID) string { return RunSubjectPrefix + runID + ".done" }
+func DoneSubject(namespace string, runID RunID) string {
+	return RunSubjectPrefix + namespace + "." + runID + ".done"
+}
+
+// ParseStartSubject returns the namespace and workflow of a start or submit subject
+// (prefix is StartSubjectPrefix or SubmitSubjectPrefix), both validated.
+func ParseStartSubject(prefix, subject string) (namespace, workflow string, err error) {
+	rest, ok := strings.CutPrefix(subject, prefix)
+	if !ok {
+		return "", "", Errorf(ErrInvalidArgument, "subject %q does not start with %q", subject, prefix)
+	}
+	namespace, workflow, ok = strings.Cut(rest, ".")
+	if !ok {
+		return "", "", Errorf(ErrInvalidArgument, "subject %q names no namespace: want %s<namespace>.<workflow>", subject, prefix)
+	}
+	if err := ValidateName("namespace", namespace); err != nil {
+		return "", "", err
+	}
+	if err := ValidateName("workflow", workflow); err != nil {
+		return "", "", err
+	}
+	return namespace, workflow, nil
+}
+
+// ParseAPISubject returns the namespace and operation of an API subject, the namespace
+// validated.
+func ParseAPISubject(subject string) (namespace, op string, err error) {
+	rest, ok := strings.CutPrefix(subject, APISubjectPrefix)
+	if !ok {
+		return "", "", Errorf(ErrInvalidArgument, "subject %q does not start with %q", subject, APISubjectPrefix)
+	}
+	namespace, op, ok = strings.Cut(rest, ".")
+	if !ok {
+		return "", "", Errorf(ErrInvalidArgument, "subject %q names no namespace: want %s<namespace>.<operation>", subject, APISubjectPrefix)
+	}
+	if err := ValidateName("namespace", namespace); err != nil {
+		return "", "", err
+	}
+	return namespace, op, nil
+}
+
+// RequestNamespace settles the namespace of a request from its subject's and its body's:
+// a body that names none takes the subject's, and a body that names another is refused,
+// since NATS permissions (which see only the subject) are what confine a client.
+func RequestNamespace(subjectNS, bodyNS string) (string, error) {
+	if bodyNS == "" || bodyNS == subjectNS {
+		return subjectNS, nil
+	}
+	return "", Errorf(ErrPermissionDenied, "the request names namespace %q but was sent on a subject of namespace %q", bodyNS, subjectNS)
+}
 
 // TaskConsumer is the durable consumer shared by every executor serving a workflow.
 func TaskConsumer(namespace, workflow string) string {

@@ -136,7 +136,7 @@ type startWatch struct {
 func watchStarts(s *system) *startWatch {
 	s.t.Helper()
 	w := &startWatch{reqs: map[string][]string{}}
-	sub, err := s.nc.Subscribe(wire.StartSubject(chaoswf.Name), func(m *nats.Msg) {
+	sub, err := s.nc.Subscribe(wire.StartSubject(wire.DefaultNamespace, chaoswf.Name), func(m *nats.Msg) {
 		var req wire.StartRequest
 		if err := json.Unmarshal(m.Data, &req); err != nil {
 			return

@@ -374,7 +374,7 @@ type doneWatcher struct {
 
 func watchDone(nc *nats.Conn) (*doneWatcher, error) {
 	w := &doneWatcher{seen: map[string]struct{}{}, notify: make(chan struct{}, 1)}
-	sub, err := nc.Subscribe(wire.RunSubjectPrefix+"*.done", func(m *nats.Msg) {
+	sub, err := nc.Subscribe(wire.DoneSubjects, func(m *nats.Msg) {
 		var d wire.RunDone
 		if json.Unmarshal(m.Data, &d) != nil {
 			return

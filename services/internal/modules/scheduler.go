@@ -24,6 +24,6 @@ var SchedulerModule = fx.Module("scheduler",
 
 // schedulerConfig leaves limits, attempts and consumer tuning at the scheduler's own
 // defaults; only what the operator configures is set here.
-func schedulerConfig(cfg platform.SchedulerConfig) scheduler.Config {
-	return scheduler.Config{DefaultNamespace: cfg.Namespace}
+func schedulerConfig(platform.SchedulerConfig) scheduler.Config {
+	return scheduler.Config{}
 }

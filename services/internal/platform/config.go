@@ -160,7 +160,7 @@ type MigrateConfig struct {
 // ClientConfig configures the commands that talk to a running Kagzi over NATS.
 type ClientConfig struct {
 	NATS      bus.ConnOptions
-	Namespace string        // empty: the scheduler's default namespace
+	Namespace string        // empty: wire.DefaultNamespace
 	Timeout   time.Duration // bounds the whole command; 0: the command's default
 	Args      []string      // positional arguments, flags removed
 }
@@ -271,7 +271,7 @@ func LoadClient(src Source, nargs int, extraFlags func(fs *flag.FlagSet)) (Clien
 func loadClient(b *binder, nargs int, extraFlags func(fs *flag.FlagSet)) (ClientConfig, error) {
 	var cfg ClientConfig
 	b.nats(&cfg.NATS)
-	b.str(&cfg.Namespace, "namespace", "KAGZI_NAMESPACE", "", "namespace of the run (default: the scheduler's)")
+	b.str(&cfg.Namespace, "namespace", "KAGZI_NAMESPACE", "", "namespace of the run (default: default)")
 	b.check(func() error {
 		if cfg.Namespace == "" {
 			return nil
@@ -505,6 +505,7 @@ func (b *binder) nats(o *bus.ConnOptions) {
 	b.str(&o.TLSCA, "nats-tls-ca", "NATS_TLS_CA", "", "path of a CA bundle to verify the NATS server")
 	b.str(&o.TLSCert, "nats-tls-cert", "NATS_TLS_CERT", "", "path of a client certificate for NATS mutual TLS")
 	b.str(&o.TLSKey, "nats-tls-key", "NATS_TLS_KEY", "", "path of the client certificate's key")
+	b.str(&o.InboxPrefix, "nats-inbox-prefix", "NATS_INBOX_PREFIX", "", "prefix of reply subjects instead of _INBOX")
 	b.check(func() error { return validateNATS(*o) })
 }
 
@@ -537,6 +538,10 @@ func validateNATS(o bus.ConnOptions) error {
 	}
 	if (o.TLSCert == "") != (o.TLSKey == "") {
 		errs = append(errs, errors.New("NATS_TLS_CERT and NATS_TLS_KEY go together: set both or neither"))
+	}
+	if p := o.InboxPrefix; p != "" && (strings.ContainsAny(p, "*> \t\r\n") || strings.HasPrefix(p, ".") ||
+		strings.HasSuffix(p, ".") || strings.Contains(p, "..")) {
+		errs = append(errs, fmt.Errorf("NATS_INBOX_PREFIX %q is not a subject prefix (e.g. _INBOX_tenant-a)", p))
 	}
 	return errors.Join(errs...)
 }

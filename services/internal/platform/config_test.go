@@ -188,6 +188,7 @@ func TestBadConfiguration(t *testing.T) {
 		{"nats auth", Source{Env: env("NATS_TOKEN", "t", "NATS_CREDS", "/c")}, []string{"at most one NATS authentication"}},
 		{"nats password alone", Source{Env: env("NATS_PASSWORD", "p")}, []string{"without NATS_USER"}},
 		{"nats tls pair", Source{Env: env("NATS_TLS_CERT", "/c.pem")}, []string{"NATS_TLS_CERT and NATS_TLS_KEY"}},
+		{"nats inbox prefix", Source{Env: env("NATS_INBOX_PREFIX", "_INBOX.*")}, []string{"NATS_INBOX_PREFIX"}},
 		{"database url", Source{Env: env("DATABASE_URL", "postgres://u:secret@host:notaport/db")}, []string{"database url is not a PostgreSQL connection string"}},
 		{"unknown flag", Source{Args: []string{"--bogus"}}, []string{"flag provided but not defined: -bogus"}},
 		{"positional", Source{Args: []string{"extra"}}, []string{`unexpected arguments ["extra"]`}},

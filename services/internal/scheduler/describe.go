@@ -11,19 +11,13 @@ import (
 	"github.com/kagzi/kagzi/services/internal/telemetry"
 )
 
-// handleDescribe serves kagzi.api.describe: one run and its steps, read from PostgreSQL.
+// handleDescribe serves kagzi.api.<namespace>.describe: one run of that namespace and
+// its steps, read from PostgreSQL.
 func (s *Scheduler) handleDescribe(ctx context.Context, msg *nats.Msg) {
-	var req wire.DescribeRequest
-	if err := decodeStrict("describe request", msg.Data, &req); err != nil {
-		s.m.Describes.WithLabelValues(resultInvalid).Inc()
-		s.reply(msg, wire.DescribeReply{Error: wire.ToError(err)})
-		return
-	}
-	if req.Namespace == "" {
-		req.Namespace = s.cfg.DefaultNamespace
-	}
-	if err := wire.ValidateName("namespace", req.Namespace); err != nil {
-		s.m.Describes.WithLabelValues(resultInvalid).Inc()
+	req, err := parseDescribe(msg)
+	if err != nil {
+		s.m.Describes.WithLabelValues(resultOf(err)).Inc()
+		s.logRejected("describe rejected", msg.Subject, err)
 		s.reply(msg, wire.DescribeReply{Error: wire.ToError(err)})
 		return
 	}
@@ -41,4 +35,21 @@ func (s *Scheduler) handleDescribe(ctx context.Context, msg *nats.Msg) {
 		s.m.Describes.WithLabelValues("ok").Inc()
 		s.reply(msg, wire.DescribeReply{Run: &run})
 	}
+}
+
+// parseDescribe reads a describe request; its namespace is the subject's.
+func parseDescribe(msg *nats.Msg) (wire.DescribeRequest, error) {
+	var req wire.DescribeRequest
+	namespace, op, err := wire.ParseAPISubject(msg.Subject)
+	if err != nil {
+		return req, err
+	}
+	if op != wire.DescribeOp {
+		return req, wire.Errorf(wire.ErrInvalidArgument, "unknown API operation %q", op)
+	}
+	if err := decodeStrict("describe request", msg.Data, &req); err != nil {
+		return req, err
+	}
+	req.Namespace, err = wire.RequestNamespace(namespace, req.Namespace)
+	return req, err
 }

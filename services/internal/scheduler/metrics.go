@@ -9,7 +9,8 @@ import (
 // Metrics are the scheduler's Prometheus collectors.
 type Metrics struct {
 	// Starts counts start requests by result: created, existing, invalid, too_large,
-	// conflict, error (the store failed; the caller retries).
+	// conflict, denied (the body named another namespace than the subject), error (the
+	// store failed; the caller retries).
 	Starts *prometheus.CounterVec
 	// Poison counts messages terminated because they can never be processed, by source
 	// (submit: the JetStream start stream).
@@ -17,7 +18,7 @@ type Metrics struct {
 	// StartSeconds is the time from receiving a start to answering (reply or ack), by
 	// source (request, submit).
 	StartSeconds *prometheus.HistogramVec
-	// Describes counts describe requests by result: ok, not_found, invalid, error.
+	// Describes counts describe requests by result: ok, not_found, invalid, denied, error.
 	Describes *prometheus.CounterVec
 	// EnsureFailures counts failed stream or consumer (re)creations: a missing stream is
 	// a warning and this metric, never a crash.

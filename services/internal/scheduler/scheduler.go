@@ -1,9 +1,11 @@
 // Package scheduler accepts workflow starts and answers describe requests.
 //
-// A start arrives either as a core NATS request on kagzi.start.<workflow> (served by the
-// schedulers' queue group and answered only after the run row is committed) or as a
-// JetStream publish on kagzi.submit.<workflow> (held by the submit stream and acked only
-// after the commit). Either way the run is inserted QUEUED, which makes the row its own
+// A start arrives either as a core NATS request on kagzi.start.<namespace>.<workflow>
+// (served by the schedulers' queue group and answered only after the run row is
+// committed) or as a JetStream publish on kagzi.submit.<namespace>.<workflow> (held by the
+// submit stream and acked only after the commit). The namespace is the subject's: NATS
+// permissions confine a client identity to its namespace's subjects, and a request whose
+// body names another namespace is refused with permission_denied. Either way the run is inserted QUEUED, which makes the row its own
 // outbox: the task doorbell is published after the commit, and if that publish is lost
 // the timer's reconciler publishes it again.
 //
@@ -29,7 +31,6 @@ import (
 
 // Config tunes a scheduler. Every zero field takes the default named beside it.
 type Config struct {
-	DefaultNamespace string // "default"
 	// Limits bound what a start may carry; zero fields take wire.DefaultLimits().
 	Limits wire.Limits
 	// DefaultMaxAttempts applies when a request names none (5). A request's own
@@ -59,9 +60,6 @@ const (
 )
 
 func (c Config) withDefaults() Config {
-	if c.DefaultNamespace == "" {
-		c.DefaultNamespace = wire.DefaultNamespace
-	}
 	d := wire.DefaultLimits()
 	if c.Limits.MaxInputBytes <= 0 {
 		c.Limits.MaxInputBytes = d.MaxInputBytes
@@ -156,13 +154,13 @@ func (s *Scheduler) Start(ctx context.Context) error {
 	}
 
 	nc := s.b.Conn()
-	startSub, err := nc.QueueSubscribe(wire.StartSubjectPrefix+"*", wire.SchedulerQueueGroup, func(msg *nats.Msg) {
+	startSub, err := nc.QueueSubscribe(wire.StartSubjects, wire.SchedulerQueueGroup, func(msg *nats.Msg) {
 		s.enqueue(func(ctx context.Context) { s.handleStart(ctx, msg) })
 	})
 	if err != nil {
 		return fmt.Errorf("subscribe to starts: %w", err)
 	}
-	describeSub, err := nc.QueueSubscribe(wire.DescribeSubject, wire.SchedulerQueueGroup, func(msg *nats.Msg) {
+	describeSub, err := nc.QueueSubscribe(wire.DescribeSubjects, wire.SchedulerQueueGroup, func(msg *nats.Msg) {
 		s.enqueue(func(ctx context.Context) { s.handleDescribe(ctx, msg) })
 	})
 	if err != nil {
@@ -185,7 +183,7 @@ func (s *Scheduler) Start(ctx context.Context) error {
 	go s.maintain()
 	s.state = 1
 	s.log.Info("scheduler started",
-		zap.String("start_subject", wire.StartSubjectPrefix+"*"),
+		zap.String("start_subject", wire.StartSubjects),
 		zap.String("queue_group", wire.SchedulerQueueGroup))
 	return nil
 }

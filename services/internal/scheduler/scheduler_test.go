@@ -77,10 +77,16 @@ func (e *env) startScheduler(t *testing.T, cfg scheduler.Config) *scheduler.Sche
 	return s
 }
 
-// start sends a request-reply start with a raw body.
+// start sends a request-reply start with a raw body in the default namespace.
 func (e *env) start(t *testing.T, workflow string, body []byte) wire.StartReply {
 	t.Helper()
-	msg, err := e.nc.Request(wire.StartSubject(workflow), body, 10*time.Second)
+	return e.startOn(t, wire.StartSubject(wire.DefaultNamespace, workflow), body)
+}
+
+// startOn sends a request-reply start with a raw body on any subject.
+func (e *env) startOn(t *testing.T, subject string, body []byte) wire.StartReply {
+	t.Helper()
+	msg, err := e.nc.Request(subject, body, 10*time.Second)
 	if err != nil {
 		t.Fatalf("start request: %v", err)
 	}
@@ -100,9 +106,9 @@ func (e *env) startJSON(t *testing.T, workflow string, req wire.StartRequest) wi
 	return e.start(t, workflow, body)
 }
 
-func (e *env) describe(t *testing.T, body []byte) wire.DescribeReply {
+func (e *env) describe(t *testing.T, namespace string, body []byte) wire.DescribeReply {
 	t.Helper()
-	msg, err := e.nc.Request(wire.DescribeSubject, body, 10*time.Second)
+	msg, err := e.nc.Request(wire.DescribeSubject(namespace), body, 10*time.Second)
 	if err != nil {
 		t.Fatalf("describe request: %v", err)
 	}
@@ -188,7 +194,8 @@ func TestStartAbsentInputIsNull(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	e.startScheduler(t, scheduler.Config{})
-	rep := e.start(t, "wf", []byte(`{"namespace":"billing","max_attempts":3}`))
+	// A body may repeat its subject's namespace.
+	rep := e.startOn(t, wire.StartSubject("billing", "wf"), []byte(`{"namespace":"billing","max_attempts":3}`))
 	if rep.Error != nil {
 		t.Fatal(rep.Error)
 	}
@@ -259,27 +266,34 @@ func TestStartRejectsBadInput(t *testing.T) {
 
 	cases := []struct {
 		name     string
-		workflow string
+		workflow string // in the default namespace, unless subject is set
 		body     string
 		code     wire.Code
 		sentinel error
+		subject  string
 	}{
-		{"malformed json", "wf", `{"input":`, wire.CodeInvalidArgument, wire.ErrInvalidArgument},
-		{"not json", "wf", `hello`, wire.CodeInvalidArgument, wire.ErrInvalidArgument},
-		{"empty body", "wf", ``, wire.CodeInvalidArgument, wire.ErrInvalidArgument},
-		{"json null", "wf", `null`, wire.CodeInvalidArgument, wire.ErrInvalidArgument},
-		{"unknown field", "wf", `{"inputs":1}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument},
-		{"trailing data", "wf", `{"input":1} {"input":2}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument},
-		{"oversized input", "wf", `{"input":` + jsonString(limit+1) + `}`, wire.CodePayloadTooLarge, wire.ErrPayloadTooLarge},
-		{"bad workflow name", "bad$name", `{}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument},
-		{"dotted namespace", "wf", `{"namespace":"a.b"}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument},
-		{"max attempts too high", "wf", `{"max_attempts":101}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument},
-		{"negative max attempts", "wf", `{"max_attempts":-1}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument},
-		{"NUL in idempotency key", "wf", `{"idempotency_key":"a\u0000b"}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument},
-		{"long request id", "wf", `{"request_id":"` + strings.Repeat("r", 256) + `"}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument},
+		{"malformed json", "wf", `{"input":`, wire.CodeInvalidArgument, wire.ErrInvalidArgument, ""},
+		{"not json", "wf", `hello`, wire.CodeInvalidArgument, wire.ErrInvalidArgument, ""},
+		{"empty body", "wf", ``, wire.CodeInvalidArgument, wire.ErrInvalidArgument, ""},
+		{"json null", "wf", `null`, wire.CodeInvalidArgument, wire.ErrInvalidArgument, ""},
+		{"unknown field", "wf", `{"inputs":1}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument, ""},
+		{"trailing data", "wf", `{"input":1} {"input":2}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument, ""},
+		{"oversized input", "wf", `{"input":` + jsonString(limit+1) + `}`, wire.CodePayloadTooLarge, wire.ErrPayloadTooLarge, ""},
+		{"bad workflow name", "bad$name", `{}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument, ""},
+		{"bad namespace name", "", `{}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument, wire.StartSubjectPrefix + "bad$ns.wf"},
+		{"another namespace in the body", "wf", `{"namespace":"billing"}`, wire.CodePermissionDenied, wire.ErrPermissionDenied, ""},
+		{"dotted namespace in the body", "wf", `{"namespace":"a.b"}`, wire.CodePermissionDenied, wire.ErrPermissionDenied, ""},
+		{"max attempts too high", "wf", `{"max_attempts":101}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument, ""},
+		{"negative max attempts", "wf", `{"max_attempts":-1}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument, ""},
+		{"NUL in idempotency key", "wf", `{"idempotency_key":"a\u0000b"}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument, ""},
+		{"long request id", "wf", `{"request_id":"` + strings.Repeat("r", 256) + `"}`, wire.CodeInvalidArgument, wire.ErrInvalidArgument, ""},
 	}
 	for _, tc := range cases {
-		rep := e.start(t, tc.workflow, []byte(tc.body))
+		subject := tc.subject
+		if subject == "" {
+			subject = wire.StartSubject(wire.DefaultNamespace, tc.workflow)
+		}
+		rep := e.startOn(t, subject, []byte(tc.body))
 		if rep.Error == nil || rep.Error.Code != tc.code || !errors.Is(rep.Error, tc.sentinel) || rep.RunID != "" {
 			t.Errorf("%s: reply = %+v, want code %s and no run", tc.name, rep, tc.code)
 		} else if rep.Error.Message == "" {
@@ -288,6 +302,9 @@ func TestStartRejectsBadInput(t *testing.T) {
 	}
 	if n := e.countRuns(t); n != 0 {
 		t.Fatalf("%d runs written by rejected starts, want 0", n)
+	}
+	if got := testutil.ToFloat64(e.m.Starts.WithLabelValues("denied")); got != 2 {
+		t.Errorf("kagzi_starts_total{result=denied} = %v, want 2", got)
 	}
 
 	// Exactly at the limit is accepted.
@@ -309,7 +326,7 @@ func TestStartConcurrent(t *testing.T) {
 	for i := range n {
 		wg.Go(func() {
 			body, _ := json.Marshal(wire.StartRequest{Input: json.RawMessage(fmt.Sprint(i))})
-			msg, err := e.nc.Request(wire.StartSubject("wf"), body, 20*time.Second)
+			msg, err := e.nc.Request(wire.StartSubject(wire.DefaultNamespace, "wf"), body, 20*time.Second)
 			if err != nil {
 				errs[i] = err
 				return
@@ -351,7 +368,7 @@ func TestSubmitCommittedWhenSchedulerStarts(t *testing.T) {
 	js := e.b.JetStream()
 	publish := func(body string, opts ...jetstream.PublishOpt) {
 		t.Helper()
-		if _, err := js.Publish(ctx, wire.SubmitSubject("report"), []byte(body), opts...); err != nil {
+		if _, err := js.Publish(ctx, wire.SubmitSubject(wire.DefaultNamespace, "report"), []byte(body), opts...); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -411,23 +428,26 @@ func TestSubmitPoisonIsTerminated(t *testing.T) {
 	ctx := context.Background()
 	e.startScheduler(t, scheduler.Config{Limits: wire.Limits{MaxInputBytes: 16}})
 	js := e.b.JetStream()
-	for _, m := range []struct{ workflow, body string }{
-		{"wf", `not json`},
-		{"wf", `{"input":1,"bogus":true}`},
-		{"bad$name", `{}`},
-		{"wf", `{"input":"this input is longer than sixteen bytes"}`},
-		{"a.b", `{}`}, // the stream's wildcard is '>', so a dotted workflow reaches us
+	for _, m := range []struct{ rest, body string }{
+		{"default.wf", `not json`},
+		{"default.wf", `{"input":1,"bogus":true}`},
+		{"default.bad$name", `{}`},
+		{"default.wf", `{"input":"this input is longer than sixteen bytes"}`},
+		{"default.a.b", `{}`}, // the stream's wildcard is '>', so a dotted workflow reaches us
+		{"wf", `{}`},          // no namespace token
+		{"bad$ns.wf", `{}`},
+		{"default.wf", `{"namespace":"billing"}`}, // the body reaches past its subject
 	} {
-		if _, err := js.Publish(ctx, wire.SubmitSubjectPrefix+m.workflow, []byte(m.body)); err != nil {
+		if _, err := js.Publish(ctx, wire.SubmitSubjectPrefix+m.rest, []byte(m.body)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if _, err := js.Publish(ctx, wire.SubmitSubject("wf"), []byte(`{"input":1}`)); err != nil {
+	if _, err := js.Publish(ctx, wire.SubmitSubject(wire.DefaultNamespace, "wf"), []byte(`{"input":1}`)); err != nil {
 		t.Fatal(err)
 	}
 	poison := e.m.Poison.WithLabelValues("submit")
-	eventually(t, 10*time.Second, "5 poison messages counted and 1 run", func() bool {
-		return testutil.ToFloat64(poison) == 5 && e.countRuns(t) == 1
+	eventually(t, 10*time.Second, "8 poison messages counted and 1 run", func() bool {
+		return testutil.ToFloat64(poison) == 8 && e.countRuns(t) == 1
 	})
 	// Terminated, not left for redelivery: nothing pending or awaiting an ack.
 	eventually(t, 10*time.Second, "submit consumer settled", func() bool {
@@ -438,8 +458,11 @@ func TestSubmitPoisonIsTerminated(t *testing.T) {
 		info, err := cons.Info(ctx)
 		return err == nil && info.NumPending == 0 && info.NumAckPending == 0 && info.NumRedelivered == 0
 	})
-	if got := testutil.ToFloat64(poison); got != 5 {
-		t.Fatalf("poison count = %v, want 5", got)
+	if got := testutil.ToFloat64(poison); got != 8 {
+		t.Fatalf("poison count = %v, want 8", got)
+	}
+	if got := testutil.ToFloat64(e.m.Starts.WithLabelValues("denied")); got != 1 {
+		t.Fatalf("kagzi_starts_total{result=denied} = %v, want 1", got)
 	}
 }
 
@@ -454,7 +477,7 @@ func TestSubmitSurvivesLostConsumerAndStream(t *testing.T) {
 		t.Helper()
 		// The stream may be on its way back: retry the publish until it is accepted.
 		eventually(t, 15*time.Second, "submit accepted", func() bool {
-			_, err := js.Publish(ctx, wire.SubmitSubject("wf"), fmt.Appendf(nil, `{"input":%d}`, n))
+			_, err := js.Publish(ctx, wire.SubmitSubject(wire.DefaultNamespace, "wf"), fmt.Appendf(nil, `{"input":%d}`, n))
 			return err == nil
 		})
 		eventually(t, 15*time.Second, fmt.Sprintf("%d runs", n), func() bool { return e.countRuns(t) == n })
@@ -477,12 +500,13 @@ func TestDescribe(t *testing.T) {
 	e := newEnv(t)
 	e.startScheduler(t, scheduler.Config{})
 
-	started := e.startJSON(t, "wf", wire.StartRequest{Namespace: "ops", Input: json.RawMessage(`[1,2]`), IdempotencyKey: "d-1"})
+	body, _ := json.Marshal(wire.StartRequest{Input: json.RawMessage(`[1,2]`), IdempotencyKey: "d-1"})
+	started := e.startOn(t, wire.StartSubject("ops", "wf"), body)
 	if started.Error != nil {
 		t.Fatal(started.Error)
 	}
-	body, _ := json.Marshal(wire.DescribeRequest{Namespace: "ops", RunID: started.RunID})
-	rep := e.describe(t, body)
+	body, _ = json.Marshal(wire.DescribeRequest{RunID: started.RunID})
+	rep := e.describe(t, "ops", body)
 	if rep.Error != nil || rep.Run == nil {
 		t.Fatalf("describe = %+v", rep)
 	}
@@ -491,13 +515,16 @@ func TestDescribe(t *testing.T) {
 		t.Fatalf("run = %+v", rep.Run)
 	}
 
-	for name, req := range map[string]wire.DescribeRequest{
-		"unknown id":      {Namespace: "ops", RunID: wire.NewRunID()},
-		"other namespace": {RunID: started.RunID},
-		"not an id":       {Namespace: "ops", RunID: "nope"},
+	for name, req := range map[string]struct {
+		namespace string
+		body      wire.DescribeRequest
+	}{
+		"unknown id":      {"ops", wire.DescribeRequest{Namespace: "ops", RunID: wire.NewRunID()}},
+		"other namespace": {wire.DefaultNamespace, wire.DescribeRequest{RunID: started.RunID}},
+		"not an id":       {"ops", wire.DescribeRequest{Namespace: "ops", RunID: "nope"}},
 	} {
-		body, _ := json.Marshal(req)
-		rep := e.describe(t, body)
+		body, _ := json.Marshal(req.body)
+		rep := e.describe(t, req.namespace, body)
 		if rep.Run != nil || rep.Error == nil || rep.Error.Code != wire.CodeNotFound {
 			t.Errorf("%s: describe = %+v, want not_found", name, rep)
 		}
@@ -505,12 +532,29 @@ func TestDescribe(t *testing.T) {
 	for name, body := range map[string]string{
 		"garbage":       `{{`,
 		"unknown field": `{"id":"x"}`,
-		"bad namespace": `{"namespace":"a.b","run_id":"` + started.RunID + `"}`,
 	} {
-		rep := e.describe(t, []byte(body))
+		rep := e.describe(t, "ops", []byte(body))
 		if rep.Run != nil || rep.Error == nil || rep.Error.Code != wire.CodeInvalidArgument {
 			t.Errorf("%s: describe = %+v, want invalid_argument", name, rep)
 		}
+	}
+	// The body may not name another namespace than the subject's: a client allowed only
+	// kagzi.api.default.> must not read the run of ops.
+	for name, body := range map[string]string{
+		"ops run from default's subject": `{"namespace":"ops","run_id":"` + started.RunID + `"}`,
+		"bad namespace in the body":      `{"namespace":"a.b","run_id":"` + started.RunID + `"}`,
+	} {
+		rep := e.describe(t, wire.DefaultNamespace, []byte(body))
+		if rep.Run != nil || rep.Error == nil || rep.Error.Code != wire.CodePermissionDenied {
+			t.Errorf("%s: describe = %+v, want permission_denied", name, rep)
+		}
+	}
+	if got := testutil.ToFloat64(e.m.Describes.WithLabelValues("denied")); got != 2 {
+		t.Errorf("kagzi_describe_total{result=denied} = %v, want 2", got)
+	}
+	rep = e.describe(t, "bad$ns", []byte(`{"run_id":"`+started.RunID+`"}`))
+	if rep.Run != nil || rep.Error == nil || rep.Error.Code != wire.CodeInvalidArgument {
+		t.Errorf("bad namespace in the subject: describe = %+v, want invalid_argument", rep)
 	}
 }
 
@@ -535,7 +579,7 @@ func TestStartStopContract(t *testing.T) {
 	s.Stop()
 	s.Stop()
 	// Nobody serves starts any more.
-	if _, err := e.nc.Request(wire.StartSubject("wf"), []byte(`{}`), time.Second); !errors.Is(err, nats.ErrNoResponders) {
+	if _, err := e.nc.Request(wire.StartSubject(wire.DefaultNamespace, "wf"), []byte(`{}`), time.Second); !errors.Is(err, nats.ErrNoResponders) {
 		t.Fatalf("request after Stop: err = %v, want no responders", err)
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"io"
 	"strconv"
-	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -29,6 +28,7 @@ const (
 	resultInvalid  = "invalid"
 	resultTooLarge = "too_large"
 	resultConflict = "conflict"
+	resultDenied   = "denied"
 	resultError    = "error"
 )
 
@@ -55,21 +55,21 @@ func decodeStrict(kind string, data []byte, v any) error {
 	return nil
 }
 
-// parseStart validates a start completely before anything is written. The returned
-// params have a fresh run id and the caller's idempotency key, if any; the caller picks
-// the fallback key, which depends on how the start arrived.
-func (s *Scheduler) parseStart(workflow string, body []byte) (store.RunInsertParams, wire.StartRequest, error) {
+// parseStart validates a start completely before anything is written. The namespace and
+// workflow come from the subject (prefix is the start or the submit prefix); a body may
+// repeat the namespace but not name another. The returned params have a fresh run id and
+// the caller's idempotency key, if any; the caller picks the fallback key, which depends
+// on how the start arrived.
+func (s *Scheduler) parseStart(prefix, subject string, body []byte) (store.RunInsertParams, wire.StartRequest, error) {
 	var req wire.StartRequest
-	if err := wire.ValidateName("workflow", workflow); err != nil {
+	namespace, workflow, err := wire.ParseStartSubject(prefix, subject)
+	if err != nil {
 		return store.RunInsertParams{}, req, err
 	}
 	if err := decodeStrict("start request", body, &req); err != nil {
 		return store.RunInsertParams{}, req, err
 	}
-	if req.Namespace == "" {
-		req.Namespace = s.cfg.DefaultNamespace
-	}
-	if err := wire.ValidateName("namespace", req.Namespace); err != nil {
+	if req.Namespace, err = wire.RequestNamespace(namespace, req.Namespace); err != nil {
 		return store.RunInsertParams{}, req, err
 	}
 	if req.IdempotencyKey != "" {
@@ -135,6 +135,8 @@ func resultOf(err error) string {
 		return resultConflict
 	case errors.Is(err, wire.ErrInvalidArgument):
 		return resultInvalid
+	case errors.Is(err, wire.ErrPermissionDenied):
+		return resultDenied
 	default:
 		return resultError
 	}
@@ -177,14 +179,14 @@ func (s *Scheduler) announce(ctx context.Context, res store.RunInsertResult) {
 	}
 }
 
-// handleStart serves kagzi.start.<workflow>: validate, commit, reply, then announce.
+// handleStart serves kagzi.start.<namespace>.<workflow>: validate, commit, reply, then
+// announce.
 func (s *Scheduler) handleStart(ctx context.Context, msg *nats.Msg) {
 	began := time.Now()
-	workflow := strings.TrimPrefix(msg.Subject, wire.StartSubjectPrefix)
-	p, req, err := s.parseStart(workflow, msg.Data)
+	p, req, err := s.parseStart(wire.StartSubjectPrefix, msg.Subject, msg.Data)
 	if err != nil {
 		s.m.Starts.WithLabelValues(resultOf(err)).Inc()
-		s.log.Debug("start rejected", telemetry.Workflow(workflow), zap.Error(err))
+		s.logRejected("start rejected", msg.Subject, err)
 		s.reply(msg, wire.StartReply{Error: wire.ToError(err)})
 		return
 	}
@@ -213,6 +215,16 @@ func (s *Scheduler) handleStart(ctx context.Context, msg *nats.Msg) {
 		s.log.Debug("run started", telemetry.RunID(res.RunID), telemetry.Workflow(res.Workflow), telemetry.Namespace(res.Namespace))
 	}
 	s.announce(ctx, res)
+}
+
+// logRejected logs a refused request: a namespace mismatch at warn, since it is a
+// client trying to reach past its subject (or a misconfigured one), bad input at debug.
+func (s *Scheduler) logRejected(what, subject string, err error) {
+	level := zap.DebugLevel
+	if errors.Is(err, wire.ErrPermissionDenied) {
+		level = zap.WarnLevel
+	}
+	s.log.Log(level, what, zap.String("subject", subject), zap.Error(err))
 }
 
 func (s *Scheduler) reply(msg *nats.Msg, v any) {
@@ -313,16 +325,15 @@ func (s *Scheduler) openSubmits() (jetstream.MessagesContext, error) {
 // redelivered.
 func (s *Scheduler) handleSubmit(ctx context.Context, msg jetstream.Msg) {
 	began := time.Now()
-	workflow := strings.TrimPrefix(msg.Subject(), wire.SubmitSubjectPrefix)
-	p, req, err := s.parseStart(workflow, msg.Data())
+	p, req, err := s.parseStart(wire.SubmitSubjectPrefix, msg.Subject(), msg.Data())
 	if err != nil {
-		s.terminate(msg, workflow, err)
+		s.terminate(msg, err)
 		return
 	}
 	if p.IdempotencyKey == "" {
 		p.IdempotencyKey, err = submitKey(req, msg)
 		if err != nil {
-			s.terminate(msg, workflow, err)
+			s.terminate(msg, err)
 			return
 		}
 	}
@@ -381,11 +392,10 @@ func submitKey(req wire.StartRequest, msg jetstream.Msg) (string, error) {
 }
 
 // terminate ends a message that can never be processed: it is not redelivered.
-func (s *Scheduler) terminate(msg jetstream.Msg, workflow string, cause error) {
+func (s *Scheduler) terminate(msg jetstream.Msg, cause error) {
 	s.m.Starts.WithLabelValues(resultOf(cause)).Inc()
 	s.m.Poison.WithLabelValues("submit").Inc()
-	s.log.Warn("poison submit message terminated",
-		zap.String("subject", msg.Subject()), telemetry.Workflow(workflow), zap.Error(cause))
+	s.log.Warn("poison submit message terminated", zap.String("subject", msg.Subject()), zap.Error(cause))
 	if err := msg.TermWithReason(cause.Error()); err != nil {
 		s.log.Warn("terminate submit message", zap.Error(err))
 	}

@@ -73,7 +73,7 @@ func TestS03HostileIdentifiers(t *testing.T) {
 			// Past the client: a raw request on the subject the name would make. NATS
 			// itself may refuse the subject; if it reaches a scheduler, the scheduler
 			// must refuse the name.
-			subject := wire.StartSubjectPrefix + h.v
+			subject := wire.StartSubjectPrefix + wire.DefaultNamespace + "." + h.v
 			rec.attacker(subject)
 			if reply, err := rawRequest(t, s, subject, []byte(`{"input":null}`)); err == nil {
 				var r wire.StartReply
@@ -103,6 +103,20 @@ func TestS03HostileIdentifiers(t *testing.T) {
 			tally.rejected(t, "start in namespace "+h.name, err)
 			_, err = c.Describe(ctx, wire.NewRunID())
 			tally.rejected(t, "describe in namespace "+h.name, err)
+			// Past the client: raw requests on the subjects the namespace would make.
+			for _, subject := range []string{wire.StartSubjectPrefix + h.v + ".s03", wire.APISubjectPrefix + h.v + "." + wire.DescribeOp} {
+				rec.attacker(subject)
+				reply, err := rawRequest(t, s, subject, []byte(`{"run_id":"`+wire.NewRunID()+`"}`))
+				if err != nil {
+					tally.refusedByNATS(t, "raw request on "+subject, err)
+					continue
+				}
+				var r struct{ Error *wire.Error }
+				if err := json.Unmarshal(reply, &r); err != nil {
+					t.Fatalf("decode reply: %v", err)
+				}
+				tally.rejected(t, "raw request in namespace "+h.name, replyErr(r.Error))
+			}
 			_, err = sdk.NewWorker(sdk.WorkerConfig{Pool: s.pool, Conn: s.nc, Namespace: h.v})
 			tally.rejected(t, "worker in namespace "+h.name, err)
 			if after := s.rows(t); after != before {
@@ -123,7 +137,7 @@ func TestS03HostileIdentifiers(t *testing.T) {
 					// The key's bytes exactly as given, even where they are not UTF-8.
 					body := append(append([]byte(`{"input":{"i":-1},"idempotency_key":`), jsonString(h.v)...), '}')
 					var reply []byte
-					if reply, err = rawRequest(t, s, wire.StartSubject("s03"), body); err != nil {
+					if reply, err = rawRequest(t, s, wire.StartSubject(wire.DefaultNamespace, "s03"), body); err != nil {
 						t.Fatalf("raw start: %v", err)
 					}
 					var r wire.StartReply
@@ -371,17 +385,20 @@ func subjectProblem(subj string) string {
 	}
 	tok := strings.Split(subj, ".")
 	switch {
-	case subj == wire.DescribeSubject || subj == wire.TimerHintSubject:
+	case subj == wire.TimerHintSubject:
 		return ""
-	case len(tok) == 3 && (tok[1] == "start" || tok[1] == "submit"):
-		return errText(wire.ValidateName("workflow", tok[2]))
-	case len(tok) == 4 && tok[1] == "task":
+	case len(tok) == 4 && tok[1] == "api" && tok[3] == wire.DescribeOp:
+		return errText(wire.ValidateName("namespace", tok[2]))
+	case len(tok) == 4 && (tok[1] == "start" || tok[1] == "submit" || tok[1] == "task"):
 		if err := wire.ValidateName("namespace", tok[2]); err != nil {
 			return err.Error()
 		}
 		return errText(wire.ValidateName("workflow", tok[3]))
-	case len(tok) == 4 && tok[1] == "run" && tok[3] == "done":
-		if !wire.ValidRunID(tok[2]) {
+	case len(tok) == 5 && tok[1] == "run" && tok[4] == "done":
+		if err := wire.ValidateName("namespace", tok[2]); err != nil {
+			return err.Error()
+		}
+		if !wire.ValidRunID(tok[3]) {
 			return "run id is not a UUID"
 		}
 		return ""

@@ -164,7 +164,7 @@ func TestS01NATSAuthenticationAndLeastPrivilege(t *testing.T) {
 			{executor, "$JS.API.STREAM.PURGE." + wire.TaskStream, false},
 			{executor, "$JS.API.STREAM.DELETE." + wire.TaskStream, false},
 			{executor, "$JS.API.CONSUMER.DELETE." + wire.TaskStream + "." + wire.TaskConsumer("default", "greet"), false},
-			{executor, wire.StartSubject("x"), false},
+			{executor, wire.StartSubject(wire.DefaultNamespace, "x"), false},
 			{client, wire.TaskSubjectPrefix + ">", true},
 			// Beyond the battery: an update could shrink the stream's limits, a purge by
 			// other means, which is why executors may create streams but not update them.

@@ -23,7 +23,7 @@ import (
 )
 
 // identities of deploy/nats/nats-secure.conf, as deploy/nats/gen-nkeys.sh names them.
-var identities = []string{"scheduler", "timer", "executor", "client", "operator"}
+var identities = []string{"scheduler", "timer", "executor", "client", "operator", "tenant_a"}
 
 // secureNATS is nats-server running deploy/nats/nats-secure.conf as shipped, with keys
 // made by the shipped deploy/nats/gen-nkeys.sh and a certificate from a test CA. Only

@@ -93,7 +93,7 @@ func TestS04OversizedPayloads(t *testing.T) {
 		tooLarge("client start with input of limit+1 bytes", err)
 
 		body, _ := json.Marshal(map[string]any{"input": overLimit})
-		reply, err := rawRequest(t, s, wire.StartSubject("s04"), body)
+		reply, err := rawRequest(t, s, wire.StartSubject(wire.DefaultNamespace, "s04"), body)
 		if err != nil {
 			t.Fatalf("raw start: %v", err)
 		}
@@ -108,7 +108,7 @@ func TestS04OversizedPayloads(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := js.Publish(ctx, wire.SubmitSubject("s04"), body); err != nil {
+		if _, err := js.Publish(ctx, wire.SubmitSubject(wire.DefaultNamespace, "s04"), body); err != nil {
 			t.Fatalf("publish to the submit stream: %v", err)
 		}
 		eventually(t, 10*time.Second, "the scheduler to settle the oversized submit", func() bool {
@@ -136,7 +136,7 @@ func TestS04OversizedPayloads(t *testing.T) {
 	t.Run("message over max_payload", func(t *testing.T) {
 		// The client library refuses it before it is sent…
 		big := make([]byte, s.nc.MaxPayload()+1)
-		if err := s.nc.Publish(wire.StartSubject("s04"), big); !errors.Is(err, nats.ErrMaxPayload) {
+		if err := s.nc.Publish(wire.StartSubject(wire.DefaultNamespace, "s04"), big); !errors.Is(err, nats.ErrMaxPayload) {
 			t.Errorf("publish of max_payload+1 bytes: %v, want %v", err, nats.ErrMaxPayload)
 		}
 		// …and the server refuses it from anyone who sends it anyway, here under the
@@ -145,7 +145,7 @@ func TestS04OversizedPayloads(t *testing.T) {
 		rc := dialRaw(t, n.Addr())
 		rc.upgradeTLS(t, n.pki.CA)
 		rc.connectNKey(t, n.seeds["client"])
-		rc.send(t, "PUB "+wire.StartSubject("s04")+" 2\r\n{}\r\nPING\r\n")
+		rc.send(t, "PUB "+wire.StartSubject(wire.DefaultNamespace, "s04")+" 2\r\n{}\r\nPING\r\n")
 		if line := rc.readLine(); line != "PONG" {
 			t.Fatalf("small publish as the client identity answered %q, want PONG", line)
 		}
@@ -153,7 +153,7 @@ func TestS04OversizedPayloads(t *testing.T) {
 		if maxPayload != 1<<20 {
 			t.Errorf("server max_payload %d, want the shipped 1 MiB", maxPayload)
 		}
-		rc.send(t, fmt.Sprintf("PUB %s %d\r\n", wire.StartSubject("s04"), maxPayload+1))
+		rc.send(t, fmt.Sprintf("PUB %s %d\r\n", wire.StartSubject(wire.DefaultNamespace, "s04"), maxPayload+1))
 		line := rc.readLine()
 		cases++
 		if !strings.Contains(line, "Maximum Payload Violation") {

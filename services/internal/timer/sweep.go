@@ -76,7 +76,7 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 				res.failed++
 				t.m.LeasesExpired.WithLabelValues("failed").Inc()
 				t.log.Warn("lease expired on the last attempt; run failed", fields...)
-				t.b.PublishDone(e.RunID, wire.StatusFailed, nil)
+				t.b.PublishDone(e.Namespace, e.RunID, wire.StatusFailed, nil)
 				continue
 			}
 			res.requeued++

@@ -249,7 +249,7 @@ func TestExpiredLeaseOnLastAttemptFails(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
 	d := e.insertRun(t, "crashy", 1)
-	done, err := e.nc.SubscribeSync(wire.DoneSubject(d.RunID))
+	done, err := e.nc.SubscribeSync(wire.DoneSubject(d.Namespace, d.RunID))
 	if err != nil {
 		t.Fatal(err)
 	}
