@@ -187,7 +187,14 @@ type system struct {
 
 func newSystem(t *testing.T) *system {
 	t.Helper()
-	s := &system{t: t, dbURL: testkit.NewDatabase(t), nats: testkit.StartNATSProcess(t, bins["nats-server"]),
+	return newSystemOn(t, testkit.NewDatabase(t))
+}
+
+// newSystemOn is newSystem on a migrated database of the test's choosing, such as one on
+// a private server the test crashes (testkit.StartPostgres).
+func newSystemOn(t *testing.T, dbURL string) *system {
+	t.Helper()
+	s := &system{t: t, dbURL: dbURL, nats: testkit.StartNATSProcess(t, bins["nats-server"]),
 		faulted: map[int]string{}}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
