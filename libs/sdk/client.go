@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -311,35 +312,88 @@ func outcome(m *nats.Msg, last *RunInfo) (*RunInfo, bool) {
 	return &info, true
 }
 
-// request sends a request and decodes the reply, retrying while no scheduler answers
-// (none up yet, or one restarting) until ctx ends.
+// Backoff after an overloaded answer: longer than after no answer, since the scheduler
+// is up and busy, and jittered, so that the clients it refused together do not return
+// together.
+const (
+	overloadBackoff    = 100 * time.Millisecond
+	overloadBackoffMax = 2 * time.Second
+)
+
+// request sends a request and decodes the reply, retrying until ctx ends while no
+// scheduler answers (none up yet, or one restarting) and while the scheduler answers
+// overloaded (it refused the request unprocessed). Every retry sends the same body, so
+// a retried start makes at most one run.
 func (c *Client) request(ctx context.Context, subject string, body []byte, reply any) error {
-	wait := 50 * time.Millisecond
+	wait, shedWait := 50*time.Millisecond, overloadBackoff
+	// uncertain: an attempt may have been processed without its answer reaching us, so
+	// giving up must not claim that nothing was done.
+	uncertain := false
 	for {
 		rctx, cancel := context.WithTimeout(ctx, c.timeout)
 		msg, err := c.nc.RequestWithContext(rctx, subject, body)
 		cancel()
-		if err == nil {
-			if err := json.Unmarshal(msg.Data, reply); err != nil {
-				return fmt.Errorf("decode reply: %w", err)
+		var delay time.Duration
+		switch {
+		case err == nil:
+			werr, derr := decodeReply(msg.Data, reply)
+			if derr != nil {
+				return fmt.Errorf("decode reply: %w", derr)
 			}
-			return nil
-		}
-		transient := errors.Is(err, nats.ErrNoResponders) || errors.Is(err, context.DeadlineExceeded) ||
-			errors.Is(err, nats.ErrTimeout) || errors.Is(err, nats.ErrDisconnected) || errors.Is(err, nats.ErrConnectionReconnecting)
-		if !transient || ctx.Err() != nil {
+			if werr == nil || werr.Code != wire.CodeOverloaded {
+				return nil
+			}
+			err = werr
+			delay = shedWait/2 + rand.N(shedWait/2+1)
+			shedWait = min(shedWait*2, overloadBackoffMax)
+		case errors.Is(err, nats.ErrNoResponders):
+			delay, wait = wait, min(wait*2, time.Second)
+		case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
+			errors.Is(err, nats.ErrDisconnected) || errors.Is(err, nats.ErrConnectionReconnecting):
+			uncertain = true
+			delay, wait = wait, min(wait*2, time.Second)
+		default:
 			if ctx.Err() != nil {
-				return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
+				return giveUp(ctx, err, uncertain)
 			}
 			return fmt.Errorf("%w: %v", wire.ErrUnavailable, err)
 		}
-		t := time.NewTimer(wait)
+		if ctx.Err() != nil {
+			return giveUp(ctx, err, uncertain)
+		}
+		t := time.NewTimer(delay)
 		select {
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
+			return giveUp(ctx, err, uncertain)
 		}
-		wait = min(wait*2, time.Second)
+	}
+}
+
+// giveUp is the error of a request whose ctx ended while retrying. When every attempt
+// that reached a scheduler was refused as overloaded, nothing was done, and the error
+// says so: errors.Is(err, wire.ErrOverloaded).
+func giveUp(ctx context.Context, last error, uncertain bool) error {
+	if !uncertain && errors.Is(last, wire.ErrOverloaded) {
+		return fmt.Errorf("%w (last error: %w)", ctx.Err(), last)
+	}
+	return fmt.Errorf("%w (last error: %v)", ctx.Err(), last)
+}
+
+// decodeReply decodes a start or describe reply into reply, cleared first (a retry
+// decodes into the value the refused answer filled), and returns the error it carries.
+func decodeReply(data []byte, reply any) (*wire.Error, error) {
+	switch r := reply.(type) {
+	case *wire.StartReply:
+		*r = wire.StartReply{}
+		err := json.Unmarshal(data, r)
+		return r.Error, err
+	case *wire.DescribeReply:
+		*r = wire.DescribeReply{}
+		err := json.Unmarshal(data, r)
+		return r.Error, err
+	default:
+		return nil, json.Unmarshal(data, reply)
 	}
 }

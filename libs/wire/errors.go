@@ -20,7 +20,10 @@ var (
 	// ErrPermissionDenied: the caller may not do this, e.g. a request whose body names
 	// another namespace than the subject its identity was allowed to publish on.
 	ErrPermissionDenied = errors.New("permission denied")
-	ErrSchemaTooOld     = errors.New("database schema is older than this binary")
+	// ErrOverloaded: the server refused the request unprocessed because its queue was
+	// full. Nothing was done; retry with the same request id after a backoff.
+	ErrOverloaded   = errors.New("overloaded")
+	ErrSchemaTooOld = errors.New("database schema is older than this binary")
 )
 
 // Code names an error class on the wire.
@@ -37,6 +40,7 @@ const (
 	CodeLimitExceeded       Code = "limit_exceeded"
 	CodeUnavailable         Code = "unavailable"
 	CodePermissionDenied    Code = "permission_denied"
+	CodeOverloaded          Code = "overloaded"
 	CodeInternal            Code = "internal"
 )
 
@@ -53,6 +57,7 @@ var codeSentinels = []struct {
 	{CodeLimitExceeded, ErrLimitExceeded},
 	{CodeUnavailable, ErrUnavailable},
 	{CodePermissionDenied, ErrPermissionDenied},
+	{CodeOverloaded, ErrOverloaded},
 }
 
 // Error is an error as it travels in a reply: a stable code and a human message.

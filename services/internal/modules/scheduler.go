@@ -24,6 +24,6 @@ var SchedulerModule = fx.Module("scheduler",
 
 // schedulerConfig leaves limits, attempts and consumer tuning at the scheduler's own
 // defaults; only what the operator configures is set here.
-func schedulerConfig(platform.SchedulerConfig) scheduler.Config {
-	return scheduler.Config{}
+func schedulerConfig(cfg platform.SchedulerConfig) scheduler.Config {
+	return scheduler.Config{RequestQueue: cfg.RequestQueue}
 }

@@ -104,6 +104,9 @@ type Config struct {
 // SchedulerConfig configures the scheduler service.
 type SchedulerConfig struct {
 	Config
+	// RequestQueue bounds the requests of one namespace waiting for the scheduler; more
+	// are refused as overloaded.
+	RequestQueue int
 }
 
 // TimerConfig configures the timer service.
@@ -134,10 +137,13 @@ type DevConfig struct {
 	LocalSleepMax time.Duration
 	StaleAfter    time.Duration
 	MaxIdle       time.Duration
+	RequestQueue  int
 }
 
 // Scheduler is the scheduler's share of a dev configuration.
-func (d DevConfig) Scheduler() SchedulerConfig { return SchedulerConfig{Config: d.Config} }
+func (d DevConfig) Scheduler() SchedulerConfig {
+	return SchedulerConfig{Config: d.Config, RequestQueue: d.RequestQueue}
+}
 
 // Timer is the timer's share of a dev configuration.
 func (d DevConfig) Timer() TimerConfig {
@@ -171,6 +177,7 @@ func LoadScheduler(src Source) (SchedulerConfig, error) { return loadScheduler(n
 func loadScheduler(b *binder) (SchedulerConfig, error) {
 	var cfg SchedulerConfig
 	b.common(&cfg.Config, "scheduler", DefaultSchedulerHTTPAddr, "json")
+	b.scheduler(&cfg.RequestQueue)
 	if err := b.finish(); err != nil {
 		return SchedulerConfig{}, err
 	}
@@ -212,6 +219,7 @@ func loadDev(b *binder) (DevConfig, error) {
 	b.common(&cfg.Config, "dev", DefaultDevHTTPAddr, "console")
 	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace, &cfg.LocalSleepMax)
 	b.timer(&cfg.StaleAfter, &cfg.MaxIdle)
+	b.scheduler(&cfg.RequestQueue)
 	b.str(&cfg.DataDir, "data", "KAGZI_DATA_DIR", ".kagzi", "directory for the embedded NATS server's JetStream data")
 	if err := b.finish(); err != nil {
 		return DevConfig{}, err
@@ -582,6 +590,17 @@ func (b *binder) executor(concurrency *int, lease, grace, localSleep *time.Durat
 			errs = append(errs, fmt.Errorf("shutdown grace %s is negative", *grace))
 		}
 		return errors.Join(errs...)
+	})
+}
+
+func (b *binder) scheduler(requestQueue *int) {
+	b.integer(requestQueue, "request-queue", "KAGZI_REQUEST_QUEUE", 256,
+		"requests of one namespace that may wait for the scheduler; more are refused as overloaded")
+	b.check(func() error {
+		if *requestQueue < 1 {
+			return fmt.Errorf("request-queue %d: want at least 1", *requestQueue)
+		}
+		return nil
 	})
 }
 

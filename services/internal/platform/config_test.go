@@ -152,7 +152,7 @@ func TestDevEmbedsNATSUnlessURLGiven(t *testing.T) {
 
 func TestDevSplitsIntoServiceConfigs(t *testing.T) {
 	t.Parallel()
-	cfg, err := LoadDev(Source{Args: []string{"--concurrency", "3", "--stale-after", "5s", "--namespace", "ns1"}})
+	cfg, err := LoadDev(Source{Args: []string{"--concurrency", "3", "--stale-after", "5s", "--namespace", "ns1", "--request-queue", "9"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,8 +162,24 @@ func TestDevSplitsIntoServiceConfigs(t *testing.T) {
 	if tc := cfg.Timer(); tc.StaleAfter != 5*time.Second || tc.Namespace != "ns1" {
 		t.Errorf("timer = %+v", tc)
 	}
-	if sc := cfg.Scheduler(); sc.Namespace != "ns1" {
+	if sc := cfg.Scheduler(); sc.Namespace != "ns1" || sc.RequestQueue != 9 {
 		t.Errorf("scheduler = %+v", sc)
+	}
+}
+
+func TestSchedulerRequestQueue(t *testing.T) {
+	t.Parallel()
+	cfg, err := LoadScheduler(Source{})
+	if err != nil || cfg.RequestQueue != 256 {
+		t.Fatalf("default request queue %d, %v; want 256", cfg.RequestQueue, err)
+	}
+	cfg, err = LoadScheduler(Source{Env: env("KAGZI_REQUEST_QUEUE", "32")})
+	if err != nil || cfg.RequestQueue != 32 {
+		t.Fatalf("KAGZI_REQUEST_QUEUE=32: %d, %v", cfg.RequestQueue, err)
+	}
+	var ce *ConfigError
+	if _, err := LoadScheduler(Source{Env: env("KAGZI_REQUEST_QUEUE", "0")}); !errors.As(err, &ce) || !strings.Contains(err.Error(), "request-queue 0") {
+		t.Fatalf("KAGZI_REQUEST_QUEUE=0: %v, want a configuration error", err)
 	}
 }
 

@@ -9,8 +9,9 @@ import (
 // Metrics are the scheduler's Prometheus collectors.
 type Metrics struct {
 	// Starts counts start requests by result: created, existing, invalid, too_large,
-	// conflict, denied (the body named another namespace than the subject), error (the
-	// store failed; the caller retries).
+	// conflict, denied (the body named another namespace than the subject), overloaded
+	// (refused unprocessed: its namespace's queue was full), error (the store failed; the
+	// caller retries).
 	Starts *prometheus.CounterVec
 	// Poison counts messages terminated because they can never be processed, by source
 	// (submit: the JetStream start stream).
@@ -18,8 +19,11 @@ type Metrics struct {
 	// StartSeconds is the time from receiving a start to answering (reply or ack), by
 	// source (request, submit).
 	StartSeconds *prometheus.HistogramVec
-	// Describes counts describe requests by result: ok, not_found, invalid, denied, error.
+	// Describes counts describe requests by result: ok, not_found, invalid, denied,
+	// overloaded, error.
 	Describes *prometheus.CounterVec
+	// Queued is how many request-reply requests wait for a worker.
+	Queued prometheus.Gauge
 	// EnsureFailures counts failed stream or consumer (re)creations: a missing stream is
 	// a warning and this metric, never a crash.
 	EnsureFailures prometheus.Counter
@@ -50,6 +54,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "kagzi_describe_total",
 			Help: "Describe requests handled by the scheduler, by result.",
 		}, []string{"result"})),
+		Queued: telemetry.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kagzi_scheduler_queued_requests",
+			Help: "Request-reply requests (starts and describes) waiting for a scheduler worker.",
+		})),
 		EnsureFailures: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kagzi_scheduler_ensure_failures_total",
 			Help: "Failed attempts by the scheduler to (re)create JetStream streams or its consumer.",

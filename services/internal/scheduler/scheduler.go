@@ -14,13 +14,17 @@ package scheduler
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/kagzi/kagzi/libs/bus"
@@ -43,11 +47,22 @@ type Config struct {
 	SubmitConsumer bus.ConsumerConfig
 	// EnsureStreamsEvery is how often streams are re-created if they vanished (30s).
 	EnsureStreamsEvery time.Duration
+	// RequestQueue bounds the request-reply requests (starts and describes) of one
+	// namespace that wait for a request worker (256); the scheduler holds at most
+	// 16 × RequestQueue in all, and 64 MiB of their payloads. A request beyond a bound is
+	// answered at once with overloaded, which clients retry after a backoff.
+	RequestQueue int
 }
 
 const (
 	// requestWorkers bounds concurrent request-reply handlers (starts and describes).
 	requestWorkers = 64
+	// defaultRequestQueue, queuesPerScheduler and queuedBytes bound the requests waiting
+	// for a worker (Config.RequestQueue).
+	defaultRequestQueue = 256
+	queuesPerScheduler  = 16
+	queuedBytes         = 64 << 20
+	shedLogEvery        = 10 * time.Second
 	// submitInFlight bounds concurrent submit-stream handlers; submitBatch is how many
 	// messages one pull asks for.
 	submitInFlight = 32
@@ -88,6 +103,9 @@ func (c Config) withDefaults() Config {
 	if c.EnsureStreamsEvery <= 0 {
 		c.EnsureStreamsEvery = 30 * time.Second
 	}
+	if c.RequestQueue <= 0 {
+		c.RequestQueue = defaultRequestQueue
+	}
 	return c
 }
 
@@ -107,11 +125,14 @@ type Scheduler struct {
 	subs    []*nats.Subscription
 	submits jetstream.MessagesContext // the live submit iterator, drained by Stop
 
-	work   chan func(context.Context) // request handlers, run by the worker pool
-	quit   chan struct{}              // closed by Stop: no new work
-	runCtx context.Context            // cancelled stopGrace after Stop
+	adm    *admission      // request handlers waiting for the worker pool, per namespace
+	quit   chan struct{}   // closed by Stop: no new work
+	runCtx context.Context // cancelled stopGrace after Stop
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	shed       atomic.Int64 // requests refused since the last log line about it
+	shedLogged atomic.Int64 // when that line was written, unix nanoseconds
 }
 
 // New returns a scheduler. A nil logger logs nothing; nil metrics are not registered.
@@ -123,13 +144,14 @@ func New(cfg Config, st *store.Store, b *bus.Bus, log *zap.Logger, m *Metrics) *
 		m = NewMetrics(nil)
 	}
 	runCtx, cancel := context.WithCancel(context.Background())
+	cfg = cfg.withDefaults()
 	return &Scheduler{
-		cfg:    cfg.withDefaults(),
+		cfg:    cfg,
 		st:     st,
 		b:      b,
 		log:    log.Named("scheduler"),
 		m:      m,
-		work:   make(chan func(context.Context)),
+		adm:    newAdmission(cfg.RequestQueue, queuesPerScheduler*cfg.RequestQueue, queuedBytes),
 		quit:   make(chan struct{}),
 		runCtx: runCtx,
 		cancel: cancel,
@@ -155,13 +177,13 @@ func (s *Scheduler) Start(ctx context.Context) error {
 
 	nc := s.b.Conn()
 	startSub, err := nc.QueueSubscribe(wire.StartSubjects, wire.SchedulerQueueGroup, func(msg *nats.Msg) {
-		s.enqueue(func(ctx context.Context) { s.handleStart(ctx, msg) })
+		s.enqueue(msg, wire.StartSubjectPrefix, overloadedStart, s.m.Starts, func(ctx context.Context) { s.handleStart(ctx, msg) })
 	})
 	if err != nil {
 		return fmt.Errorf("subscribe to starts: %w", err)
 	}
 	describeSub, err := nc.QueueSubscribe(wire.DescribeSubjects, wire.SchedulerQueueGroup, func(msg *nats.Msg) {
-		s.enqueue(func(ctx context.Context) { s.handleDescribe(ctx, msg) })
+		s.enqueue(msg, wire.APISubjectPrefix, overloadedDescribe, s.m.Describes, func(ctx context.Context) { s.handleDescribe(ctx, msg) })
 	})
 	if err != nil {
 		_ = startSub.Unsubscribe()
@@ -246,27 +268,80 @@ func drainSub(ctx context.Context, sub *nats.Subscription) {
 	}
 }
 
-// enqueue hands a request to the worker pool. It runs in the subscription's delivery
-// goroutine, so when every worker is busy it blocks and the subscription buffers: that is
-// the back-pressure.
-func (s *Scheduler) enqueue(fn func(context.Context)) {
-	select {
-	case s.work <- fn:
-	case <-s.quit:
-		// Stopping and the drain timed out: the requester times out and retries.
+// Replies to a request refused because its queue was full, encoded once: shedding must
+// cost next to nothing, or a flood would take the scheduler down by its refusals.
+var (
+	overloadedStart    = mustJSON(wire.StartReply{Error: overloadedError})
+	overloadedDescribe = mustJSON(wire.DescribeReply{Error: overloadedError})
+	overloadedError    = wire.ToError(wire.Errorf(wire.ErrOverloaded,
+		"the scheduler's queue for this namespace is full; nothing was done: retry with the same request id after a backoff"))
+)
+
+func mustJSON(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// enqueue hands a request to the worker pool, queued behind its namespace's earlier
+// requests (admission). It runs in the subscription's delivery goroutine and never
+// blocks it: a request whose queue is full is answered overloaded at once and counted
+// in results (kagzi_starts_total or kagzi_describe_total, result "overloaded").
+func (s *Scheduler) enqueue(msg *nats.Msg, prefix string, overloaded []byte, results *prometheus.CounterVec, fn func(context.Context)) {
+	ns, _, _ := strings.Cut(strings.TrimPrefix(msg.Subject, prefix), ".")
+	if s.adm.offer(ns, len(msg.Data), fn) {
+		s.m.Queued.Inc()
+		return
+	}
+	results.WithLabelValues(resultOverloaded).Inc()
+	s.noteShed(ns)
+	if msg.Reply != "" {
+		if err := msg.Respond(overloaded); err != nil {
+			s.log.Debug("send overloaded reply", zap.String("subject", msg.Subject), zap.Error(err))
+		}
 	}
 }
 
+// noteShed logs shedding at most once per shedLogEvery, with the count since the last
+// line: under a flood a line per refusal would be a second flood.
+func (s *Scheduler) noteShed(ns string) {
+	n := s.shed.Add(1)
+	now := time.Now().UnixNano()
+	last := s.shedLogged.Load()
+	if now-last < int64(shedLogEvery) || !s.shedLogged.CompareAndSwap(last, now) {
+		return
+	}
+	s.shed.Add(-n)
+	s.log.Warn("request queue full; requests refused as overloaded",
+		zap.String("namespace_token", ns), zap.Int64("refused", n), zap.Int("queued", s.adm.queued()))
+}
+
+// worker runs queued requests. After Stop it finishes what is still queued (the
+// subscriptions were drained into the queue first); runCtx bounds how long that takes.
 func (s *Scheduler) worker() {
 	defer s.wg.Done()
+	run := func() {
+		fn := s.adm.take()
+		s.m.Queued.Dec()
+		ctx, cancel := context.WithTimeout(s.runCtx, opTimeout)
+		fn(ctx)
+		cancel()
+	}
 	for {
 		select {
-		case fn := <-s.work:
-			ctx, cancel := context.WithTimeout(s.runCtx, opTimeout)
-			fn(ctx)
-			cancel()
+		case <-s.adm.ready:
+			run()
 		case <-s.quit:
-			return
+			for {
+				select {
+				case <-s.adm.ready:
+					run()
+				default:
+					return
+				}
+			}
 		}
 	}
 }

@@ -29,7 +29,9 @@ const (
 	resultTooLarge = "too_large"
 	resultConflict = "conflict"
 	resultDenied   = "denied"
-	resultError    = "error"
+	// resultOverloaded: refused unprocessed because the namespace's queue was full.
+	resultOverloaded = "overloaded"
+	resultError      = "error"
 )
 
 // decodeStrict parses exactly one JSON object into v: no unknown fields, nothing after
