@@ -468,6 +468,23 @@ func (s *system) taskConsumer(ctx context.Context) (*jetstream.ConsumerInfo, err
 	return c.Info(ctx)
 }
 
+// waitDrained waits until the task consumer has nothing pending and nothing awaiting an
+// ack, and returns its last info; drained is false (and err says why, if the broker did
+// not answer) when timeout passed first.
+func (s *system) waitDrained(timeout time.Duration) (info *jetstream.ConsumerInfo, drained bool, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout+10*time.Second)
+	defer cancel()
+	for end := time.Now().Add(timeout); ; time.Sleep(50 * time.Millisecond) {
+		info, err = s.taskConsumer(ctx)
+		if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
+			return info, true, nil
+		}
+		if time.Now().After(end) {
+			return info, false, err
+		}
+	}
+}
+
 // waitStreamMsgs waits until the task stream holds want doorbells and returns it.
 func (s *system) waitStreamMsgs(want int, timeout time.Duration) jetstream.Stream {
 	s.t.Helper()

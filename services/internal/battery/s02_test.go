@@ -142,15 +142,9 @@ func TestS02ForgedDoorbells(t *testing.T) {
 	if got, ok := s.oracle.WaitCount(60*time.Second, before.noops+forged, noops); !ok {
 		t.Errorf("executors answered %d forged doorbells with a no-op claim, want %d", got-before.noops, forged)
 	}
-	var info *jetstream.ConsumerInfo
-	for end := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		info, err = s.taskConsumer(ctx)
-		if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
-			break
-		}
-		if time.Now().After(end) {
-			t.Fatalf("consumer not drained: %+v (%v)", info, err)
-		}
+	info, drained, err := s.waitDrained(10 * time.Second)
+	if !drained {
+		t.Fatalf("consumer not drained: %+v (%v)", info, err)
 	}
 	// Handled once each: the executors answered exactly as many as were published and
 	// none is pending or unacknowledged, so none was handled twice at another's expense.

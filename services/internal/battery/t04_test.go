@@ -6,8 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/kagzi/kagzi/libs/failpoint"
 	"github.com/kagzi/kagzi/libs/wire"
 	"github.com/kagzi/kagzi/services/internal/battery/chaoswf"
@@ -57,16 +55,9 @@ func TestT04RedeliveryAndLateAcks(t *testing.T) {
 	// The last redeliveries' handlers are still stalled when the last run completes.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	var info *jetstream.ConsumerInfo
-	var err error
-	for end := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		info, err = s.taskConsumer(ctx)
-		if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
-			break
-		}
-		if time.Now().After(end) {
-			t.Fatalf("consumer not drained 30 s after the last run completed: %+v (%v)", info, err)
-		}
+	info, drained, err := s.waitDrained(30 * time.Second)
+	if !drained {
+		t.Fatalf("consumer not drained 30 s after the last run completed: %+v (%v)", info, err)
 	}
 	st, err := s.js.Stream(ctx, wire.TaskStream)
 	if err != nil {

@@ -1,7 +1,6 @@
 package battery
 
 import (
-	"context"
 	"fmt"
 	"strconv"
 	"sync/atomic"
@@ -85,20 +84,8 @@ func TestT05DuplicateDoorbells(t *testing.T) {
 
 	// Copies may still be arriving after the last run completed: wait for the consumer
 	// to drain, and for the executors to have reported every doorbell they handled.
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	end := time.Now().Add(30 * time.Second)
-	var info *jetstream.ConsumerInfo
-	for {
-		info, err = s.taskConsumer(ctx)
-		if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
-			break
-		}
-		if time.Now().After(end) {
-			t.Errorf("consumer not drained: %+v (%v)", info, err)
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
+	if info, drained, err := s.waitDrained(30 * time.Second); !drained {
+		t.Errorf("consumer not drained: %+v (%v)", info, err)
 	}
 	sum.Faults = fmt.Sprintf("%d duplicate doorbells", republished.Load())
 	expectZero(t, "copies JetStream refused", int(failed.Load()))

@@ -170,16 +170,9 @@ func TestT15PoisonMessages(t *testing.T) {
 	// messages as the stream took and none is pending or unacknowledged, so none was
 	// handled twice at another's expense. The consumer's delivery sequence is only logged
 	// (see S02: it can run ahead of what the executors received).
-	var info *jetstream.ConsumerInfo
-	for end := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		info, err = s.taskConsumer(ctx)
-		if err == nil && info.NumPending == 0 && info.NumAckPending == 0 {
-			break
-		}
-		if time.Now().After(end) {
-			t.Errorf("consumer not drained (stalled?): %+v (%v)", info, err)
-			break
-		}
+	info, drained, err := s.waitDrained(10 * time.Second)
+	if !drained {
+		t.Errorf("consumer not drained (stalled?): %+v (%v)", info, err)
 	}
 	if info != nil {
 		t.Logf("broker deliveries: %d for %d messages", info.Delivered.Consumer, accepted+bells)
