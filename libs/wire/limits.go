@@ -11,6 +11,12 @@ type Limits struct {
 	MaxStepOutputBytes int // one step's recorded output
 	MaxRunStateBytes   int // input plus every recorded output of one run
 	MaxSteps           int // recorded steps (and sleeps) of one run
+	// MaxDepth bounds how deep a tree of runs started from steps grows: a root run has
+	// depth 0, a run its step starts depth 1, and so on.
+	MaxDepth int
+	// MaxTreeRuns bounds the unfinished runs (QUEUED, RUNNING, SLEEPING, WAITING) of one
+	// tree below its root: a start that would exceed it is refused.
+	MaxTreeRuns int
 }
 
 // DefaultLimits are the limits used when none are configured.
@@ -20,6 +26,8 @@ func DefaultLimits() Limits {
 		MaxStepOutputBytes: 2 << 20,
 		MaxRunStateBytes:   32 << 20,
 		MaxSteps:           10_000,
+		MaxDepth:           10,
+		MaxTreeRuns:        10_000,
 	}
 }
 

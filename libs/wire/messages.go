@@ -24,6 +24,11 @@ type StartRequest struct {
 	RequestID   string `json:"request_id,omitempty"`
 	Version     string `json:"version,omitempty"`
 	MaxAttempts int    `json:"max_attempts,omitempty"` // default 5
+	// Parent, when set, is the run (in the same namespace) whose step asks for this
+	// start: the new run joins its parent's tree, and the start is refused with
+	// limit_exceeded beyond Limits.MaxDepth or Limits.MaxTreeRuns. The Go client sets it
+	// for starts made from a step.
+	Parent RunID `json:"parent,omitempty"`
 }
 
 // StartReply answers a request-reply start: the run id, or an error and no run.
