@@ -105,7 +105,7 @@ func (r *Run[O]) Describe(ctx context.Context) (*RunInfo, error) { return r.clie
 // returns the run id once the run row is committed. A request that times out is retried
 // with the same request id until ctx ends, so at most one run is made.
 func (c *Client) StartByName(ctx context.Context, workflow string, input any, opts ...StartOption) (string, error) {
-	req, err := c.startRequest(workflow, input, opts)
+	req, err := c.startRequest(ctx, workflow, input, opts)
 	if err != nil {
 		return "", err
 	}
@@ -124,8 +124,11 @@ func (c *Client) StartByName(ctx context.Context, workflow string, input any, op
 }
 
 // startRequest validates a start and builds its request, sealing the input when the
-// client has a codec.
-func (c *Client) startRequest(workflow string, input any, opts []StartOption) (wire.StartRequest, error) {
+// client has a codec. A start made with the context of a run in the client's namespace
+// (a step body's, typically) names that run as its parent: the scheduler refuses it with
+// ErrLimitExceeded when the run's tree is too deep or holds too many unfinished runs. A
+// start into another namespace begins a tree of its own there.
+func (c *Client) startRequest(ctx context.Context, workflow string, input any, opts []StartOption) (wire.StartRequest, error) {
 	if err := wire.ValidateName("workflow", workflow); err != nil {
 		return wire.StartRequest{}, err
 	}
@@ -144,6 +147,9 @@ func (c *Client) startRequest(workflow string, input any, opts []StartOption) (w
 	// The request id is a UUIDv7 and becomes the run's id, so the input can be sealed
 	// to the run before it exists.
 	req := wire.StartRequest{Namespace: c.namespace, RequestID: wire.NewRunID()}
+	if p, ok := parentOf(ctx); ok && p.namespace == c.namespace {
+		req.Parent = p.id
+	}
 	for _, o := range opts {
 		o(&req)
 	}
@@ -175,7 +181,7 @@ func (d *WorkflowDef[I, O]) Submit(ctx context.Context, c *Client, in I, opts ..
 
 // SubmitByName is Submit for a workflow known by name.
 func (c *Client) SubmitByName(ctx context.Context, workflow string, input any, opts ...StartOption) (string, error) {
-	req, err := c.startRequest(workflow, input, opts)
+	req, err := c.startRequest(ctx, workflow, input, opts)
 	if err != nil {
 		return "", err
 	}

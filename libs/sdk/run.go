@@ -70,6 +70,15 @@ func (rc *runContext) Workflow() string     { return rc.run.Workflow }
 func (rc *runContext) Attempt() int         { return rc.run.Attempt }
 func (rc *runContext) Logger() *slog.Logger { return rc.log }
 
+// Value answers parentRunCtx for the workflow's own context too: a start made outside a
+// step (not recorded, so repeated on every replay) still joins the run's tree.
+func (rc *runContext) Value(key any) any {
+	if _, ok := key.(parentRunCtx); ok {
+		return parentRun{id: rc.run.ID, namespace: rc.run.Namespace}
+	}
+	return rc.Context.Value(key)
+}
+
 func (rc *runContext) fenced() store.FencedParams {
 	return store.FencedParams{RunID: rc.run.ID, Fence: rc.run.Fence}
 }
@@ -227,6 +236,7 @@ func (rc *runContext) runBody(key string, timeout time.Duration, body func(conte
 		timeout = rc.w.cfg.StepTimeout
 	}
 	ctx := context.WithValue(rc.Context, stepKeyCtx{}, rc.run.ID+"/"+key)
+	ctx = context.WithValue(ctx, parentRunCtx{}, parentRun{id: rc.run.ID, namespace: rc.run.Namespace})
 	if timeout <= 0 {
 		return callBody(ctx, key, body)
 	}

@@ -135,6 +135,19 @@ func StepKey(ctx context.Context) string {
 
 type stepKeyCtx struct{}
 
+// parentRunCtx marks a context of a run (its workflow context, or a step body's): a start
+// made with it names the run as the new run's parent, so the scheduler can bound the
+// tree (wire.Limits.MaxDepth, MaxTreeRuns).
+type parentRunCtx struct{}
+
+type parentRun struct{ id, namespace string }
+
+// parentOf is the run that a start made with ctx comes from, if any.
+func parentOf(ctx context.Context) (parentRun, bool) {
+	p, ok := ctx.Value(parentRunCtx{}).(parentRun)
+	return p, ok
+}
+
 // occurrence key: the n-th use of a user key within a run.
 func occurrenceKey(key string, n int) string {
 	if n == 1 {

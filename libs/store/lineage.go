@@ -82,12 +82,12 @@ func (s *Store) RunInsertChild(ctx context.Context, p RunInsertChildParams) (Run
 		p.Parent, p.MaxDepth, p.MaxTreeRuns)
 	br := s.db.SendBatch(ctx, b)
 	var (
-		seq, existingSeq       *int64
-		depth                  *int
-		pending                int
-		existingID             *string
-		existingInput          []byte
-		existingStatus         *wire.Status
+		seq, existingSeq        *int64
+		depth                   *int
+		pending                 int
+		existingID              *string
+		existingInput           []byte
+		existingStatus          *wire.Status
 		lockErr, insErr, endErr error
 	)
 	if _, lockErr = br.Exec(); lockErr == nil {

@@ -3,6 +3,7 @@ package modules
 import (
 	"go.uber.org/fx"
 
+	"github.com/kagzi/kagzi/libs/wire"
 	"github.com/kagzi/kagzi/services/internal/platform"
 	"github.com/kagzi/kagzi/services/internal/scheduler"
 )
@@ -22,8 +23,9 @@ var SchedulerModule = fx.Module("scheduler",
 	}),
 )
 
-// schedulerConfig leaves limits, attempts and consumer tuning at the scheduler's own
-// defaults; only what the operator configures is set here.
+// schedulerConfig leaves the other limits, attempts and consumer tuning at the
+// scheduler's own defaults; only what the operator configures is set here.
 func schedulerConfig(cfg platform.SchedulerConfig) scheduler.Config {
-	return scheduler.Config{RequestQueue: cfg.RequestQueue}
+	return scheduler.Config{RequestQueue: cfg.RequestQueue,
+		Limits: wire.Limits{MaxDepth: cfg.MaxDepth, MaxTreeRuns: cfg.MaxTreeRuns}}
 }

@@ -107,6 +107,10 @@ type SchedulerConfig struct {
 	// RequestQueue bounds the requests of one namespace waiting for the scheduler; more
 	// are refused as overloaded.
 	RequestQueue int
+	// MaxDepth and MaxTreeRuns bound the trees of runs started from steps
+	// (wire.Limits).
+	MaxDepth    int
+	MaxTreeRuns int
 }
 
 // TimerConfig configures the timer service.
@@ -138,11 +142,13 @@ type DevConfig struct {
 	StaleAfter    time.Duration
 	MaxIdle       time.Duration
 	RequestQueue  int
+	MaxDepth      int
+	MaxTreeRuns   int
 }
 
 // Scheduler is the scheduler's share of a dev configuration.
 func (d DevConfig) Scheduler() SchedulerConfig {
-	return SchedulerConfig{Config: d.Config, RequestQueue: d.RequestQueue}
+	return SchedulerConfig{Config: d.Config, RequestQueue: d.RequestQueue, MaxDepth: d.MaxDepth, MaxTreeRuns: d.MaxTreeRuns}
 }
 
 // Timer is the timer's share of a dev configuration.
@@ -177,7 +183,7 @@ func LoadScheduler(src Source) (SchedulerConfig, error) { return loadScheduler(n
 func loadScheduler(b *binder) (SchedulerConfig, error) {
 	var cfg SchedulerConfig
 	b.common(&cfg.Config, "scheduler", DefaultSchedulerHTTPAddr, "json")
-	b.scheduler(&cfg.RequestQueue)
+	b.scheduler(&cfg.RequestQueue, &cfg.MaxDepth, &cfg.MaxTreeRuns)
 	if err := b.finish(); err != nil {
 		return SchedulerConfig{}, err
 	}
@@ -219,7 +225,7 @@ func loadDev(b *binder) (DevConfig, error) {
 	b.common(&cfg.Config, "dev", DefaultDevHTTPAddr, "console")
 	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace, &cfg.LocalSleepMax)
 	b.timer(&cfg.StaleAfter, &cfg.MaxIdle)
-	b.scheduler(&cfg.RequestQueue)
+	b.scheduler(&cfg.RequestQueue, &cfg.MaxDepth, &cfg.MaxTreeRuns)
 	b.str(&cfg.DataDir, "data", "KAGZI_DATA_DIR", ".kagzi", "directory for the embedded NATS server's JetStream data")
 	if err := b.finish(); err != nil {
 		return DevConfig{}, err
@@ -593,14 +599,26 @@ func (b *binder) executor(concurrency *int, lease, grace, localSleep *time.Durat
 	})
 }
 
-func (b *binder) scheduler(requestQueue *int) {
+func (b *binder) scheduler(requestQueue, maxDepth, maxTreeRuns *int) {
+	d := wire.DefaultLimits()
 	b.integer(requestQueue, "request-queue", "KAGZI_REQUEST_QUEUE", 256,
 		"requests of one namespace that may wait for the scheduler; more are refused as overloaded")
+	b.integer(maxDepth, "max-depth", "KAGZI_MAX_DEPTH", d.MaxDepth,
+		"deepest a run started from a step may be below its root run; deeper starts are refused")
+	b.integer(maxTreeRuns, "max-tree-runs", "KAGZI_MAX_TREE_RUNS", d.MaxTreeRuns,
+		"unfinished runs a tree started from steps may hold below its root; more starts are refused")
 	b.check(func() error {
+		var errs []error
 		if *requestQueue < 1 {
-			return fmt.Errorf("request-queue %d: want at least 1", *requestQueue)
+			errs = append(errs, fmt.Errorf("request-queue %d: want at least 1", *requestQueue))
 		}
-		return nil
+		if *maxDepth < 1 {
+			errs = append(errs, fmt.Errorf("max-depth %d: want at least 1", *maxDepth))
+		}
+		if *maxTreeRuns < 1 {
+			errs = append(errs, fmt.Errorf("max-tree-runs %d: want at least 1", *maxTreeRuns))
+		}
+		return errors.Join(errs...)
 	})
 }
 

@@ -9,7 +9,8 @@ import (
 // Metrics are the scheduler's Prometheus collectors.
 type Metrics struct {
 	// Starts counts start requests by result: created, existing, invalid, too_large,
-	// conflict, denied (the body named another namespace than the subject), overloaded
+	// conflict, denied (the body named another namespace than the subject),
+	// limit_exceeded (a start from a step beyond the tree's depth or size), overloaded
 	// (refused unprocessed: its namespace's queue was full), error (the store failed; the
 	// caller retries).
 	Starts *prometheus.CounterVec

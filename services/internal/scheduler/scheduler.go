@@ -88,6 +88,12 @@ func (c Config) withDefaults() Config {
 	if c.Limits.MaxSteps <= 0 {
 		c.Limits.MaxSteps = d.MaxSteps
 	}
+	if c.Limits.MaxDepth <= 0 {
+		c.Limits.MaxDepth = d.MaxDepth
+	}
+	if c.Limits.MaxTreeRuns <= 0 {
+		c.Limits.MaxTreeRuns = d.MaxTreeRuns
+	}
 	if c.DefaultMaxAttempts <= 0 {
 		c.DefaultMaxAttempts = 5
 	}

@@ -29,6 +29,8 @@ const (
 	resultTooLarge = "too_large"
 	resultConflict = "conflict"
 	resultDenied   = "denied"
+	// resultLimited: a child start refused by Limits.MaxDepth or Limits.MaxTreeRuns.
+	resultLimited = "limit_exceeded"
 	// resultOverloaded: refused unprocessed because the namespace's queue was full.
 	resultOverloaded = "overloaded"
 	resultError      = "error"
@@ -89,6 +91,9 @@ func (s *Scheduler) parseStart(prefix, subject string, body []byte) (store.RunIn
 			return store.RunInsertParams{}, req, err
 		}
 	}
+	if req.Parent != "" && !wire.ValidRunID(req.Parent) {
+		return store.RunInsertParams{}, req, wire.Errorf(wire.ErrInvalidArgument, "parent %q is not a run id", req.Parent)
+	}
 	maxAttempts := req.MaxAttempts
 	switch {
 	case maxAttempts == 0:
@@ -139,6 +144,10 @@ func resultOf(err error) string {
 		return resultInvalid
 	case errors.Is(err, wire.ErrPermissionDenied):
 		return resultDenied
+	case errors.Is(err, wire.ErrLimitExceeded):
+		return resultLimited
+	case errors.Is(err, wire.ErrRunNotFound):
+		return resultInvalid // the parent named is not in the namespace
 	default:
 		return resultError
 	}
@@ -146,17 +155,27 @@ func resultOf(err error) string {
 
 // insert commits the run. A store failure that is not one of ours (PostgreSQL down, a
 // timeout) is logged here with its detail and returned as ErrUnavailable, so callers see
-// a retryable code and no SQL.
-func (s *Scheduler) insert(ctx context.Context, p store.RunInsertParams) (store.RunInsertResult, error) {
-	r, ok := s.inserts.Do(p)
-	res, err := r.RunInsertResult, r.Err
-	if !ok {
-		err = errors.New("scheduler stopping")
+// a retryable code and no SQL. A start from a step of a run (parent set) joins its
+// parent's tree and is checked against the tree's limits; it skips the group commit,
+// which has no use for lineage.
+func (s *Scheduler) insert(ctx context.Context, p store.RunInsertParams, parent wire.RunID) (store.RunInsertResult, error) {
+	var res store.RunInsertResult
+	var err error
+	if parent != "" {
+		res, err = s.st.RunInsertChild(ctx, store.RunInsertChildParams{RunInsertParams: p, Parent: parent,
+			MaxDepth: s.cfg.Limits.MaxDepth, MaxTreeRuns: s.cfg.Limits.MaxTreeRuns})
+	} else {
+		r, ok := s.inserts.Do(p)
+		res, err = r.RunInsertResult, r.Err
+		if !ok {
+			err = errors.New("scheduler stopping")
+		}
 	}
 	if err == nil {
 		err = failpoint.Inject(failpoint.StartAfterInsert)
 	}
-	if err == nil || errors.Is(err, wire.ErrIdempotencyConflict) {
+	if err == nil || errors.Is(err, wire.ErrIdempotencyConflict) || errors.Is(err, wire.ErrLimitExceeded) ||
+		errors.Is(err, wire.ErrRunNotFound) {
 		return res, err
 	}
 	s.log.Error("insert run", telemetry.RunID(p.ID), telemetry.Workflow(p.Workflow), telemetry.Namespace(p.Namespace), zap.Error(err))
@@ -200,7 +219,7 @@ func (s *Scheduler) handleStart(ctx context.Context, msg *nats.Msg) {
 			p.IdempotencyKey = "run:" + p.ID
 		}
 	}
-	res, err := s.insert(ctx, p)
+	res, err := s.insert(ctx, p, req.Parent)
 	if err != nil {
 		// An idempotency conflict names the other run only in its message: the caller
 		// must not take it for its own.
@@ -339,8 +358,13 @@ func (s *Scheduler) handleSubmit(ctx context.Context, msg jetstream.Msg) {
 			return
 		}
 	}
-	res, err := s.insert(ctx, p)
+	res, err := s.insert(ctx, p, req.Parent)
 	switch {
+	case errors.Is(err, wire.ErrLimitExceeded), errors.Is(err, wire.ErrRunNotFound):
+		// Refused like bad input: the parent's step learns nothing (it submitted), and
+		// a redelivery would be refused again.
+		s.terminate(msg, err)
+		return
 	case errors.Is(err, wire.ErrIdempotencyConflict):
 		// Not poison, but it can never succeed either; nobody waits for an answer.
 		s.m.Starts.WithLabelValues(resultConflict).Inc()
