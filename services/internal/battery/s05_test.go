@@ -21,10 +21,16 @@ const (
 	s05MaxSteps = 1000
 	// s05Loop is the loop bound of the step, Sleep(0) and restart bombs: a run that
 	// reached it would have recorded a thousand times the limit.
-	s05Loop      = 1_000_000
-	bombsNS      = "bombs"
-	tenantNS     = "tenant"
-	victimRate   = 20 // victim starts per second
+	s05Loop    = 1_000_000
+	bombsNS    = "bombs"
+	tenantNS   = "tenant"
+	victimRate = 20 // victim starts per second
+	// s05TreeRuns and s05Depth are the scheduler's Limits.MaxTreeRuns and MaxDepth
+	// (KAGZI_MAX_TREE_RUNS, KAGZI_MAX_DEPTH) in the fan-out test: the tree limit below the
+	// fan-out of 100, so that the root's own starts meet it, and the depth below the
+	// bomb's 5, so that both limits are exercised.
+	s05TreeRuns  = 50
+	s05Depth     = 3
 	s05Baseline  = 15 * time.Second
 	bombDeadline = 3 * time.Minute
 )
@@ -39,9 +45,10 @@ type bombRig struct {
 	victims *victimLoad
 }
 
-func newBombRig(t *testing.T) *bombRig {
+// schedulerEnv configures the scheduler (its tree limits).
+func newBombRig(t *testing.T, schedulerEnv ...string) *bombRig {
 	s := newSystem(t)
-	s.scheduler("scheduler")
+	s.scheduler("scheduler", schedulerEnv...)
 	s.timer("timer", "KAGZI_STALE_AFTER=2s", "KAGZI_MAX_IDLE=1s")
 	s.executor("exec-tenant", "KAGZI_NAMESPACE="+tenantNS, "KAGZI_CONCURRENCY=16")
 	r := &bombRig{system: s,
@@ -342,18 +349,25 @@ func TestS05WorkflowBombs(t *testing.T) {
 
 // S05 (fan-out) — children fan-out 100 × depth 5. The SDK has no child-workflow API, so
 // a "child" is a run a step starts through the client, with an idempotency key derived
-// from its parent's (replays name the same children). The only limit that applies is
-// max_steps (1,000 here): it caps one run's children, not the tree, so 100 × depth 5
-// would make 100^5 leaves. BATTERY.md wants the bomb FAILED with a limit error and
-// pending children never over the limit; the test takes max_steps as that limit for the
-// whole tree (a bomb is one run's doing, whatever it spreads over).
+// from its parent's (replays name the same children). The client names the run whose
+// step makes the start as the child's parent, and the scheduler bounds the tree: it
+// refuses, with a limit error that fails the asking run at once, a child deeper than
+// max_depth (s05Depth) or one that would make more than max_tree_runs (s05TreeRuns)
+// unfinished runs below the root. Unbounded, 100 × depth 5 would make 100^5 leaves.
+// Bounded, a tree dies out in seconds (each of its runs ends at its first refused
+// start), so bombs are set off in waves, each as soon as the last tree has died out,
+// until they have been going for 10 s: the victims' p99 needs ≥ 100 runs beside them.
 //
-// The test is its own circuit breaker: it watches the bomb's namespace for up to 30 s;
-// once more runs are pending than the limit it fails, lets the bomb go on only until the
-// victims have had 10 s beside it (for their p99) or 10 × the limit is pending, and then
-// SIGKILLs the bomb's executor, so that an engine with no bound does not take the
-// machine down. The victims' p99 over the bomb's life is checked as in
-// TestS05WorkflowBombs.
+// Pass: each root FAILED on its first attempt with a limit error; pending children (the
+// unfinished runs of the bombs' namespace but the root, sampled every 100 ms) never over
+// max_tree_runs, and none left once the tree has died out; every child recorded below
+// its root, none deeper than max_depth; the victims all COMPLETED and kept their
+// p99 ≤ 2 × baseline.
+//
+// Should the bound regress, the test is its own circuit breaker: once more runs are
+// pending than the limit it fails, lets the bomb go on only until the victims have had
+// 10 s beside it or 10 × the limit is pending, and then SIGKILLs the bomb's executor, so
+// that an engine with no bound does not take the machine down.
 func TestS05FanOutBomb(t *testing.T) {
 	if !*chaos {
 		t.Skip("chaos tier: BATTERY.md runs S05 in make chaos (-args -kagzi.chaos)")
@@ -361,77 +375,120 @@ func TestS05FanOutBomb(t *testing.T) {
 	const (
 		fanout = 100
 		depth  = 5
-		watch  = 30 * time.Second
-		beside = 10 * time.Second // the victims' time beside a live bomb
+		watch  = 60 * time.Second // for one tree to die out
+		beside = 10 * time.Second // the victims' time beside live bombs
 	)
-	sum := newSummary(t, fmt.Sprintf("fan-out %d × depth %d through Start from steps, max_steps %d; victims %d/s in a second namespace",
-		fanout, depth, s05MaxSteps, victimRate))
-	r := newBombRig(t)
+	sum := newSummary(t, fmt.Sprintf("waves of fan-out %d × depth %d through Start from steps for %s, max_tree_runs %d, max_depth %d; victims %d/s in a second namespace",
+		fanout, depth, beside, s05TreeRuns, s05Depth, victimRate))
+	r := newBombRig(t, fmt.Sprintf("KAGZI_MAX_TREE_RUNS=%d", s05TreeRuns), fmt.Sprintf("KAGZI_MAX_DEPTH=%d", s05Depth))
 	r.baseline()
 
-	began := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	root, err := r.bombs.StartByName(ctx, chaoswf.BombName,
-		chaoswf.BombInput{Kind: chaoswf.BombFanout, Key: "s05-fan", Fanout: fanout, Depth: depth}, sdk.IdempotencyKey("s05-fan"))
-	cancel()
-	if err != nil {
-		t.Fatalf("start the fan-out bomb: %v", err)
-	}
-	var runs, pending, maxPending int
-	var rootStatus string
+	var roots, waveTimes []string
+	var maxPending, samples int
 	var overAfter time.Duration // when pending first exceeded the limit; 0: never
 	stopped := false
-	for time.Since(began) < watch {
-		err := r.pool.QueryRow(context.Background(), `SELECT count(*),
-			count(*) FILTER (WHERE status IN ('QUEUED','RUNNING','SLEEPING','WAITING') AND id <> $2),
-			(SELECT status FROM workflow_runs WHERE id = $2)
-			FROM workflow_runs WHERE namespace = $1`, bombsNS, root).Scan(&runs, &pending, &rootStatus)
+	began := time.Now()
+	for wave := 1; !stopped && time.Since(began) < beside; wave++ {
+		waveBegan := time.Now()
+		key := fmt.Sprintf("s05-fan-%d", wave)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		root, err := r.bombs.StartByName(ctx, chaoswf.BombName,
+			chaoswf.BombInput{Kind: chaoswf.BombFanout, Key: key, Fanout: fanout, Depth: depth}, sdk.IdempotencyKey(key))
+		cancel()
 		if err != nil {
-			t.Fatalf("watch the fan-out: %v", err)
+			t.Fatalf("start the fan-out bomb of wave %d: %v", wave, err)
 		}
-		maxPending = max(maxPending, pending)
-		if pending > s05MaxSteps && overAfter == 0 {
-			overAfter = time.Since(began)
-			t.Errorf("fan-out bomb: %d children pending %s after the start (%d runs made, root %s): over the limit of %d — "+
-				"max_steps bounds one run's children, nothing bounds the tree", pending, overAfter.Round(time.Millisecond),
-				runs, rootStatus, s05MaxSteps)
+		roots = append(roots, root)
+		var runs, pending int
+		var rootStatus string
+		drained := false
+		for time.Since(waveBegan) < watch {
+			err := r.pool.QueryRow(context.Background(), `SELECT count(*),
+				count(*) FILTER (WHERE status IN ('QUEUED','RUNNING','SLEEPING','WAITING') AND id <> $2),
+				(SELECT status FROM workflow_runs WHERE id = $2)
+				FROM workflow_runs WHERE namespace = $1`, bombsNS, root).Scan(&runs, &pending, &rootStatus)
+			if err != nil {
+				t.Fatalf("watch the fan-out: %v", err)
+			}
+			samples++
+			maxPending = max(maxPending, pending)
+			if pending > s05TreeRuns && overAfter == 0 {
+				overAfter = time.Since(began)
+				t.Errorf("fan-out bomb of wave %d: %d children pending %s after the start (%d runs made, root %s): over the limit of %d",
+					wave, pending, time.Since(waveBegan).Round(time.Millisecond), runs, rootStatus, s05TreeRuns)
+			}
+			if overAfter > 0 && (time.Since(began) >= beside || pending > 10*s05TreeRuns) {
+				r.kill(r.bomber)
+				stopped = true
+				break
+			}
+			if (rootStatus == "FAILED" || rootStatus == "COMPLETED") && pending == 0 {
+				drained = true
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
 		}
-		if overAfter > 0 && (time.Since(began) >= beside || pending > 10*s05MaxSteps) {
+		if !drained && !stopped {
+			t.Errorf("fan-out tree of wave %d still has %d runs pending %s after its start (root %s); stopping its executor",
+				wave, pending, watch, rootStatus)
 			r.kill(r.bomber)
 			stopped = true
-			break
 		}
-		if (rootStatus == "FAILED" || rootStatus == "COMPLETED") && pending == 0 {
-			break
-		}
-		time.Sleep(250 * time.Millisecond)
+		waveTimes = append(waveTimes, time.Since(waveBegan).Round(100*time.Millisecond).String())
 	}
-	r.victims.phase.Store(2)
 	bombsFor := time.Since(began)
+	r.victims.phase.Store(2)
+	t.Logf("%d waves of fan-out bombs in %s (%s), at most %d pending at once over %d samples", len(waveTimes),
+		bombsFor.Round(time.Millisecond), strings.Join(waveTimes, ", "), maxPending, samples)
 	base, during := r.finishVictims(t)
 
-	var errText string
-	var children int
-	if err := r.pool.QueryRow(context.Background(), `SELECT status, coalesce(error, ''),
-		(SELECT count(*) FROM workflow_runs WHERE namespace = $2) - 1 FROM workflow_runs WHERE id = $1`,
-		root, bombsNS).Scan(&rootStatus, &errText, &children); err != nil {
-		t.Fatalf("read the fan-out root: %v", err)
+	children, failedByLimit := 0, 0
+	for i, root := range roots {
+		var status, errText string
+		var attempt, made, below, deepest, refused int
+		if err := r.pool.QueryRow(context.Background(), `SELECT r.status, coalesce(r.error, ''), r.attempt,
+			count(c.id), count(c.id) FILTER (WHERE c.parent_id IS NOT NULL), coalesce(max(c.depth), 0),
+			count(c.id) FILTER (WHERE c.status = 'FAILED' AND c.error LIKE '%' || $2 || '%')
+			FROM workflow_runs r LEFT JOIN workflow_runs c ON c.root_id = r.id
+			WHERE r.id = $1 GROUP BY r.id`, root, sdk.ErrLimitExceeded.Error()).
+			Scan(&status, &errText, &attempt, &made, &below, &deepest, &refused); err != nil {
+			t.Fatalf("read the fan-out tree of wave %d: %v", i+1, err)
+		}
+		children += made
+		limited := status == "FAILED" && strings.Contains(errText, sdk.ErrLimitExceeded.Error())
+		if limited {
+			failedByLimit++
+		}
+		if i == 0 || !limited {
+			t.Logf("wave %d: fan-out root %s %s on attempt %d with %q; %d children (%d FAILED by a limit, deepest at %d)",
+				i+1, root, status, attempt, errText, made, refused, deepest)
+		}
+		if !limited {
+			t.Errorf("fan-out root of wave %d ended %s with %q, want FAILED with a limit error", i+1, status, errText)
+		}
+		expectEq(t, fmt.Sprintf("wave %d root's attempt (a limit is terminal)", i+1), attempt, 1)
+		expectEq(t, fmt.Sprintf("wave %d children with a parent", i+1), below, made)
+		if deepest > s05Depth {
+			t.Errorf("wave %d: a child at depth %d, deeper than max_depth %d", i+1, deepest, s05Depth)
+		}
 	}
-	t.Logf("fan-out root %s: %s %q; %d children made in %s, at most %d pending at once; bomb executor stopped by the test: %v",
-		root, rootStatus, errText, children, bombsFor.Round(time.Millisecond), maxPending, stopped)
-	if rootStatus != "FAILED" || !strings.Contains(errText, sdk.ErrLimitExceeded.Error()) {
-		t.Errorf("fan-out root ended %s with %q, want FAILED with a limit error", rootStatus, errText)
-	}
+	expectEq(t, "runs in the bombs' namespace (roots and the children below them)", r.oracle.Count(
+		`SELECT count(*) FROM workflow_runs WHERE namespace = $1`, bombsNS), len(roots)+children)
 
 	victims := r.victims.ids(-1)
 	tl := r.oracle.Tally(r.faultedPIDs())
 	sum.fill(tl, r.oracle.NotCompleted(victims), tl.StepResults)
-	sum.Runs = len(victims) + 1 + children
-	sum.Stuck = 0 // the bomb's runs are left where the breaker stopped them; the victims were checked above
-	sum.Faults = fmt.Sprintf("fan-out root %s, %d children in %s (max %d pending; limit %d); victim p99 %s vs baseline %s",
-		rootStatus, children, bombsFor.Round(time.Second), maxPending, s05MaxSteps, during.Round(time.Millisecond),
-		base.Round(time.Millisecond))
+	sum.Runs = len(victims) + len(roots) + children
+	if stopped {
+		sum.Stuck = 0 // the bomb's runs are left where the breaker stopped them; the victims were checked above
+	}
+	sum.Faults = fmt.Sprintf("%d waves, roots FAILED by a limit %d/%d, %d children in %s (max %d pending; max_tree_runs %d, max_depth %d); victim p99 %s vs baseline %s",
+		len(roots), failedByLimit, len(roots), children, bombsFor.Round(time.Second), maxPending, s05TreeRuns, s05Depth,
+		during.Round(time.Millisecond), base.Round(time.Millisecond))
 	expectZero(t, "victim runs not COMPLETED", r.oracle.NotCompleted(victims))
 	expectZero(t, "transitions out of a terminal status", tl.TerminalExits)
+	if !stopped {
+		expectZero(t, "stuck runs", tl.Active)
+	}
 	r.checkNoPanics()
 }

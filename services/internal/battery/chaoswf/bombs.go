@@ -24,7 +24,8 @@ const (
 	BombRestart = "restart"
 	// BombFanout starts Fanout children, each a fan-out bomb of Depth-1, from steps
 	// (the SDK has no child-workflow API): a tree of Fanout^Depth leaves if nothing
-	// bounds it.
+	// bounds it. The client names the starting run as each child's parent, so the
+	// scheduler's tree limits (max_depth, max_tree_runs) refuse the starts beyond them.
 	BombFanout = "fanout"
 )
 
