@@ -24,14 +24,13 @@ import (
 // never made) after KAGZI_STALE_AFTER = 5 s: that delays the run's completion, not its
 // wake-up, which is what the lateness measures.
 //
-// BATTERY.md's chaos bracket says 50,000 sleepers; this runs the 5,000 of its setup,
-// which already takes the two cores most of a minute.
+// Chaos-tier only: BATTERY.md's bracketed 50,000 sleepers (its CI setup says 5,000).
 func TestT11TimerReplicasUnderKill(t *testing.T) {
 	if !*chaos {
 		t.Skip("chaos tier: make chaos")
 	}
 	const (
-		w        = 5000
+		w        = 50000
 		minSleep = 1000 // ms
 		maxSleep = 10000
 		every    = 3 * time.Second
@@ -77,14 +76,14 @@ func TestT11TimerReplicasUnderKill(t *testing.T) {
 
 	const wokenSQL = `SELECT count(DISTINCT run_id) FROM test_transitions WHERE old_status = 'SLEEPING' AND new_status = 'QUEUED'`
 	kills := 0
-	stormEnd := time.Now().Add(2 * time.Minute) // bounds the storm if wake-ups stall
+	stormEnd := time.Now().Add(6 * time.Minute) // bounds the storm if wake-ups stall
 	for next := time.Now().Add(every); ; next = next.Add(every) {
 		time.Sleep(time.Until(next)) // the storm's own schedule
 		if startsDone() && s.oracle.Count(wokenSQL) == w {
 			break
 		}
 		if time.Now().After(stormEnd) {
-			t.Errorf("only %d of %d runs woke in the storm's 2 minutes", s.oracle.Count(wokenSQL), w)
+			t.Errorf("only %d of %d runs woke in the storm's 6 minutes", s.oracle.Count(wokenSQL), w)
 			break
 		}
 		victim := timers[rng.IntN(len(timers))]
@@ -100,7 +99,7 @@ func TestT11TimerReplicasUnderKill(t *testing.T) {
 	if startErr != nil {
 		t.Fatalf("start the runs: %v", startErr)
 	}
-	s.waitCompleted(w, 30*time.Second)
+	s.waitCompleted(w, 2*time.Minute)
 	t.Logf("all runs COMPLETED %.1fs after the last kill", time.Since(lastKill).Seconds())
 
 	var n, early int
