@@ -107,6 +107,12 @@ func (s *PGServer) URL() string {
 	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/kagzi?sslmode=disable", s.port)
 }
 
+// Log is the server's log so far (e.g. to count "too many clients" refusals).
+func (s *PGServer) Log() string {
+	b, _ := os.ReadFile(s.logFile())
+	return string(b)
+}
+
 // Start starts the server and waits until it accepts connections; after a crash that
 // includes its recovery.
 func (s *PGServer) Start() {
