@@ -26,6 +26,6 @@ var SchedulerModule = fx.Module("scheduler",
 // schedulerConfig leaves the other limits, attempts and consumer tuning at the
 // scheduler's own defaults; only what the operator configures is set here.
 func schedulerConfig(cfg platform.SchedulerConfig) scheduler.Config {
-	return scheduler.Config{RequestQueue: cfg.RequestQueue,
+	return scheduler.Config{RequestQueue: cfg.RequestQueue, NamespaceRate: cfg.NamespaceRate,
 		Limits: wire.Limits{MaxDepth: cfg.MaxDepth, MaxTreeRuns: cfg.MaxTreeRuns}}
 }

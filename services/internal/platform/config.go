@@ -107,6 +107,9 @@ type SchedulerConfig struct {
 	// RequestQueue bounds the requests of one namespace waiting for the scheduler; more
 	// are refused as overloaded.
 	RequestQueue int
+	// NamespaceRate bounds the requests a second of one namespace (0: no limit); more
+	// are refused as overloaded.
+	NamespaceRate int
 	// MaxDepth and MaxTreeRuns bound the trees of runs started from steps
 	// (wire.Limits).
 	MaxDepth    int
@@ -142,13 +145,15 @@ type DevConfig struct {
 	StaleAfter    time.Duration
 	MaxIdle       time.Duration
 	RequestQueue  int
+	NamespaceRate int
 	MaxDepth      int
 	MaxTreeRuns   int
 }
 
 // Scheduler is the scheduler's share of a dev configuration.
 func (d DevConfig) Scheduler() SchedulerConfig {
-	return SchedulerConfig{Config: d.Config, RequestQueue: d.RequestQueue, MaxDepth: d.MaxDepth, MaxTreeRuns: d.MaxTreeRuns}
+	return SchedulerConfig{Config: d.Config, RequestQueue: d.RequestQueue, NamespaceRate: d.NamespaceRate,
+		MaxDepth: d.MaxDepth, MaxTreeRuns: d.MaxTreeRuns}
 }
 
 // Timer is the timer's share of a dev configuration.
@@ -184,6 +189,7 @@ func loadScheduler(b *binder) (SchedulerConfig, error) {
 	var cfg SchedulerConfig
 	b.common(&cfg.Config, "scheduler", DefaultSchedulerHTTPAddr, "json")
 	b.scheduler(&cfg.RequestQueue, &cfg.MaxDepth, &cfg.MaxTreeRuns)
+	b.namespaceRate(&cfg.NamespaceRate)
 	if err := b.finish(); err != nil {
 		return SchedulerConfig{}, err
 	}
@@ -226,6 +232,7 @@ func loadDev(b *binder) (DevConfig, error) {
 	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace, &cfg.LocalSleepMax)
 	b.timer(&cfg.StaleAfter, &cfg.MaxIdle)
 	b.scheduler(&cfg.RequestQueue, &cfg.MaxDepth, &cfg.MaxTreeRuns)
+	b.namespaceRate(&cfg.NamespaceRate)
 	b.str(&cfg.DataDir, "data", "KAGZI_DATA_DIR", ".kagzi", "directory for the embedded NATS server's JetStream data")
 	if err := b.finish(); err != nil {
 		return DevConfig{}, err
@@ -619,6 +626,17 @@ func (b *binder) scheduler(requestQueue, maxDepth, maxTreeRuns *int) {
 			errs = append(errs, fmt.Errorf("max-tree-runs %d: want at least 1", *maxTreeRuns))
 		}
 		return errors.Join(errs...)
+	})
+}
+
+func (b *binder) namespaceRate(rate *int) {
+	b.integer(rate, "namespace-rate", "KAGZI_NAMESPACE_RATE", 0,
+		"requests a second one namespace may bring to a scheduler (0: no limit); more are refused as overloaded")
+	b.check(func() error {
+		if *rate < 0 {
+			return fmt.Errorf("namespace-rate %d: want 0 (no limit) or more", *rate)
+		}
+		return nil
 	})
 }
 

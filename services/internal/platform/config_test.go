@@ -181,6 +181,15 @@ func TestSchedulerRequestQueue(t *testing.T) {
 	if _, err := LoadScheduler(Source{Env: env("KAGZI_REQUEST_QUEUE", "0")}); !errors.As(err, &ce) || !strings.Contains(err.Error(), "request-queue 0") {
 		t.Fatalf("KAGZI_REQUEST_QUEUE=0: %v, want a configuration error", err)
 	}
+	if cfg.NamespaceRate != 0 {
+		t.Fatalf("default namespace rate %d, want 0 (no limit)", cfg.NamespaceRate)
+	}
+	if cfg, err := LoadDev(Source{Args: []string{"--namespace-rate", "300"}}); err != nil || cfg.Scheduler().NamespaceRate != 300 {
+		t.Fatalf("--namespace-rate 300: %d, %v", cfg.Scheduler().NamespaceRate, err)
+	}
+	if _, err := LoadScheduler(Source{Env: env("KAGZI_NAMESPACE_RATE", "-1")}); !errors.As(err, &ce) || !strings.Contains(err.Error(), "namespace-rate -1") {
+		t.Fatalf("KAGZI_NAMESPACE_RATE=-1: %v, want a configuration error", err)
+	}
 }
 
 func TestBadConfiguration(t *testing.T) {

@@ -11,8 +11,9 @@ type Metrics struct {
 	// Starts counts start requests by result: created, existing, invalid, too_large,
 	// conflict, denied (the body named another namespace than the subject),
 	// limit_exceeded (a start from a step beyond the tree's depth or size), overloaded
-	// (refused unprocessed: its namespace's queue was full), error (the store failed; the
-	// caller retries).
+	// (refused unprocessed: its namespace's queue was full), rate_limited (refused
+	// unprocessed: its namespace over its rate), error (the store failed; the caller
+	// retries).
 	Starts *prometheus.CounterVec
 	// Poison counts messages terminated because they can never be processed, by source
 	// (submit: the JetStream start stream).
@@ -21,7 +22,7 @@ type Metrics struct {
 	// source (request, submit).
 	StartSeconds *prometheus.HistogramVec
 	// Describes counts describe requests by result: ok, not_found, invalid, denied,
-	// overloaded, error.
+	// overloaded, rate_limited, error.
 	Describes *prometheus.CounterVec
 	// Queued is how many request-reply requests wait for a worker.
 	Queued prometheus.Gauge

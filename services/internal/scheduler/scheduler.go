@@ -52,6 +52,11 @@ type Config struct {
 	// 16 × RequestQueue in all, and 64 MiB of their payloads. A request beyond a bound is
 	// answered at once with overloaded, which clients retry after a backoff.
 	RequestQueue int
+	// NamespaceRate bounds the request-reply requests one namespace may bring to this
+	// scheduler per second, with a burst of one second's worth (0: no limit). A request
+	// over it is answered at once with overloaded, like one beyond RequestQueue. In a
+	// deployment shared by tenants it keeps one tenant's flood from slowing the others.
+	NamespaceRate int
 }
 
 const (
@@ -132,6 +137,7 @@ type Scheduler struct {
 	submits jetstream.MessagesContext // the live submit iterator, drained by Stop
 
 	adm    *admission      // request handlers waiting for the worker pool, per namespace
+	limit  *rateLimiter    // requests a second per namespace; nil: no limit
 	quit   chan struct{}   // closed by Stop: no new work
 	runCtx context.Context // cancelled stopGrace after Stop
 	cancel context.CancelFunc
@@ -158,6 +164,7 @@ func New(cfg Config, st *store.Store, b *bus.Bus, log *zap.Logger, m *Metrics) *
 		log:    log.Named("scheduler"),
 		m:      m,
 		adm:    newAdmission(cfg.RequestQueue, queuesPerScheduler*cfg.RequestQueue, queuedBytes),
+		limit:  newRateLimiter(cfg.NamespaceRate, time.Now),
 		quit:   make(chan struct{}),
 		runCtx: runCtx,
 		cancel: cancel,
@@ -183,13 +190,13 @@ func (s *Scheduler) Start(ctx context.Context) error {
 
 	nc := s.b.Conn()
 	startSub, err := nc.QueueSubscribe(wire.StartSubjects, wire.SchedulerQueueGroup, func(msg *nats.Msg) {
-		s.enqueue(msg, wire.StartSubjectPrefix, overloadedStart, s.m.Starts, func(ctx context.Context) { s.handleStart(ctx, msg) })
+		s.enqueue(msg, wire.StartSubjectPrefix, startRefusals, s.m.Starts, func(ctx context.Context) { s.handleStart(ctx, msg) })
 	})
 	if err != nil {
 		return fmt.Errorf("subscribe to starts: %w", err)
 	}
 	describeSub, err := nc.QueueSubscribe(wire.DescribeSubjects, wire.SchedulerQueueGroup, func(msg *nats.Msg) {
-		s.enqueue(msg, wire.APISubjectPrefix, overloadedDescribe, s.m.Describes, func(ctx context.Context) { s.handleDescribe(ctx, msg) })
+		s.enqueue(msg, wire.APISubjectPrefix, describeRefusals, s.m.Describes, func(ctx context.Context) { s.handleDescribe(ctx, msg) })
 	})
 	if err != nil {
 		_ = startSub.Unsubscribe()
@@ -274,14 +281,26 @@ func drainSub(ctx context.Context, sub *nats.Subscription) {
 	}
 }
 
-// Replies to a request refused because its queue was full, encoded once: shedding must
-// cost next to nothing, or a flood would take the scheduler down by its refusals.
+// Replies to a request refused because its queue was full or its namespace over its
+// rate, encoded once: shedding must cost next to nothing, or a flood would take the
+// scheduler down by its refusals.
 var (
-	overloadedStart    = mustJSON(wire.StartReply{Error: overloadedError})
-	overloadedDescribe = mustJSON(wire.DescribeReply{Error: overloadedError})
-	overloadedError    = wire.ToError(wire.Errorf(wire.ErrOverloaded,
+	queueFullError = wire.ToError(wire.Errorf(wire.ErrOverloaded,
 		"the scheduler's queue for this namespace is full; nothing was done: retry with the same request id after a backoff"))
+	overRateError = wire.ToError(wire.Errorf(wire.ErrOverloaded,
+		"this namespace is over its request rate; nothing was done: retry with the same request id after a backoff"))
+	startRefusals = refusals{
+		queueFull: mustJSON(wire.StartReply{Error: queueFullError}),
+		overRate:  mustJSON(wire.StartReply{Error: overRateError}),
+	}
+	describeRefusals = refusals{
+		queueFull: mustJSON(wire.DescribeReply{Error: queueFullError}),
+		overRate:  mustJSON(wire.DescribeReply{Error: overRateError}),
+	}
 )
+
+// refusals are the encoded overloaded replies of one kind of request.
+type refusals struct{ queueFull, overRate []byte }
 
 func mustJSON(v any) []byte {
 	b, err := json.Marshal(v)
@@ -293,18 +312,23 @@ func mustJSON(v any) []byte {
 
 // enqueue hands a request to the worker pool, queued behind its namespace's earlier
 // requests (admission). It runs in the subscription's delivery goroutine and never
-// blocks it: a request whose queue is full is answered overloaded at once and counted
-// in results (kagzi_starts_total or kagzi_describe_total, result "overloaded").
-func (s *Scheduler) enqueue(msg *nats.Msg, prefix string, overloaded []byte, results *prometheus.CounterVec, fn func(context.Context)) {
+// blocks it: a request over its namespace's rate, or whose queue is full, is answered
+// overloaded at once and counted in results (kagzi_starts_total or kagzi_describe_total,
+// result "rate_limited" or "overloaded").
+func (s *Scheduler) enqueue(msg *nats.Msg, prefix string, refused refusals, results *prometheus.CounterVec, fn func(context.Context)) {
 	ns, _, _ := strings.Cut(strings.TrimPrefix(msg.Subject, prefix), ".")
-	if s.adm.offer(ns, len(msg.Data), fn) {
-		s.m.Queued.Inc()
-		return
+	reply, result := refused.overRate, resultRateLimited
+	if s.limit.allow(ns) {
+		if s.adm.offer(ns, len(msg.Data), fn) {
+			s.m.Queued.Inc()
+			return
+		}
+		reply, result = refused.queueFull, resultOverloaded
 	}
-	results.WithLabelValues(resultOverloaded).Inc()
+	results.WithLabelValues(result).Inc()
 	s.noteShed(ns)
 	if msg.Reply != "" {
-		if err := msg.Respond(overloaded); err != nil {
+		if err := msg.Respond(reply); err != nil {
 			s.log.Debug("send overloaded reply", zap.String("subject", msg.Subject), zap.Error(err))
 		}
 	}
@@ -320,7 +344,7 @@ func (s *Scheduler) noteShed(ns string) {
 		return
 	}
 	s.shed.Add(-n)
-	s.log.Warn("request queue full; requests refused as overloaded",
+	s.log.Warn("requests refused as overloaded: a namespace's queue is full or its rate exceeded",
 		zap.String("namespace_token", ns), zap.Int64("refused", n), zap.Int("queued", s.adm.queued()))
 }
 

@@ -119,3 +119,38 @@ func TestStartShedsWhenQueueFull(t *testing.T) {
 		t.Errorf("kagzi_scheduler_queued_requests = %v after the flood, want 0", got)
 	}
 }
+
+// A namespace over its rate is refused at once, as rate_limited, with the overloaded
+// code; another namespace is not.
+func TestStartRateLimitedPerNamespace(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	const rate = 20
+	e.startScheduler(t, scheduler.Config{NamespaceRate: rate})
+	codes := map[string]map[wire.Code]int{"loud": {}, "quiet": {}}
+	began := time.Now()
+	for i := range 100 {
+		for _, ns := range []string{"loud", "quiet"} {
+			if ns == "quiet" && i%10 != 0 {
+				continue
+			}
+			r := e.startOn(t, wire.StartSubject(ns, "wf"), fmt.Appendf(nil, `{"input":%d}`, i))
+			var code wire.Code
+			if r.Error != nil {
+				code = r.Error.Code
+			}
+			codes[ns][code]++
+		}
+	}
+	// The loud namespace gets its burst plus what the rate refilled meanwhile.
+	maxLoud := rate + int(time.Since(began).Seconds()*rate) + 1
+	if ok := codes["loud"][""]; ok < rate || ok > maxLoud || ok+codes["loud"][wire.CodeOverloaded] != 100 {
+		t.Errorf("loud namespace: %v; want %d..%d created, the rest overloaded", codes["loud"], rate, maxLoud)
+	}
+	if codes["quiet"][""] != 10 {
+		t.Errorf("quiet namespace: %v; want its 10 starts created", codes["quiet"])
+	}
+	if got := testutil.ToFloat64(e.m.Starts.WithLabelValues("rate_limited")); int(got) != codes["loud"][wire.CodeOverloaded] {
+		t.Errorf("kagzi_starts_total{result=rate_limited} = %v, want %d", got, codes["loud"][wire.CodeOverloaded])
+	}
+}

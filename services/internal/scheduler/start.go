@@ -31,9 +31,11 @@ const (
 	resultDenied   = "denied"
 	// resultLimited: a child start refused by Limits.MaxDepth or Limits.MaxTreeRuns.
 	resultLimited = "limit_exceeded"
-	// resultOverloaded: refused unprocessed because the namespace's queue was full.
-	resultOverloaded = "overloaded"
-	resultError      = "error"
+	// resultOverloaded and resultRateLimited: refused unprocessed because the
+	// namespace's queue was full, or the namespace over its rate (wire code overloaded).
+	resultOverloaded  = "overloaded"
+	resultRateLimited = "rate_limited"
+	resultError       = "error"
 )
 
 // decodeStrict parses exactly one JSON object into v: no unknown fields, nothing after
