@@ -67,13 +67,17 @@ bench:
 	exit $$status
 
 # The fault battery (services/internal/battery) at its full chaos sizes, one test at a
-# time, then its summary table: test, faults injected, runs, lost, duplicate results,
-# duplicate bodies (attributable or not), stuck, verdict.
+# time, then the security battery's chaos tier (S08), then their summary tables: test,
+# faults injected, runs, lost, duplicate results, duplicate bodies (attributable or not),
+# stuck, verdict; for S08 what was refused and measured.
 chaos:
 	@mkdir -p bin && rm -f bin/chaos-summary.txt
 	@cd services && $(GO) test -race -count=1 -p 1 -timeout 120m ./internal/battery/ \
 		-args -kagzi.chaos -kagzi.summary=$(CURDIR)/bin/chaos-summary.txt; \
-	status=$$?; echo; cat $(CURDIR)/bin/chaos-summary.txt 2>/dev/null; exit $$status
+	status=$$?; \
+	$(GO) test -race -count=1 -timeout 20m -run 'TestS08' ./internal/security/ \
+		-args -kagzi.chaos -kagzi.summary=$(CURDIR)/bin/chaos-summary.txt || status=1; \
+	echo; cat $(CURDIR)/bin/chaos-summary.txt 2>/dev/null; exit $$status
 
 clean:
 	rm -rf bin

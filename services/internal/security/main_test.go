@@ -1,7 +1,9 @@
 // Package security is the security battery (BATTERY.md b.2) of the gate tier: S01 NATS
 // authentication and least privilege under the shipped deploy/nats config, S03 hostile
 // identifiers, S04 oversized payloads, S06 PostgreSQL least privilege under the
-// shipped deploy/postgres roles and S07 payload encryption at rest. Every test runs
+// shipped deploy/postgres roles and S07 payload encryption at rest; and of the chaos
+// tier (-args -kagzi.chaos, see tier_test.go): S08 API authentication and ingress
+// flooding. Every test runs
 // against real PostgreSQL and real NATS servers (child processes where the shipped
 // configuration is under test); the files in deploy/ are used as they ship, never
 // copied or rewritten.

@@ -40,6 +40,26 @@ type secureNATS struct {
 
 func startSecureNATS(t *testing.T) *secureNATS {
 	t.Helper()
+	return startSecureNATSWith(t, "")
+}
+
+// startSecureNATSWith runs the shipped config with settings of the test's after it
+// (e.g. a lower max_connections): a config beside a link to the shipped file includes it
+// and then sets extra, which overrides what the shipped file set. Empty extra: the
+// shipped file itself.
+func startSecureNATSWith(t *testing.T, extra string) *secureNATS {
+	t.Helper()
+	conf := deployFile(t, "nats/nats-secure.conf")
+	if extra != "" {
+		dir := t.TempDir()
+		if err := os.Symlink(conf, filepath.Join(dir, "nats-secure.conf")); err != nil {
+			t.Fatal(err)
+		}
+		conf = filepath.Join(dir, "test.conf")
+		if err := os.WriteFile(conf, []byte("include ./nats-secure.conf\n"+extra+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 	n := &secureNATS{pki: newPKI(t), seeds: map[string]string{}, pubs: map[string]string{}}
 	keys := filepath.Join(t.TempDir(), "keys")
 	gen := exec.Command("bash", deployFile(t, "nats/gen-nkeys.sh"), keys)
@@ -72,7 +92,7 @@ func startSecureNATS(t *testing.T) *secureNATS {
 		}
 	}
 	n.port, n.monPort = freePort(t), freePort(t)
-	args := []string{"-c", deployFile(t, "nats/nats-secure.conf"),
+	args := []string{"-c", conf,
 		"-a", "127.0.0.1", "-p", fmt.Sprint(n.port), "-m", fmt.Sprint(n.monPort)}
 	n.proc = testkit.StartCommand(t, "nats-server", bins["nats-server"], args, env...)
 	eventually(t, 20*time.Second, "nats-server to listen", func() bool {
@@ -111,10 +131,12 @@ func (n *secureNATS) Env(id string) []string {
 // varz is the server's view of its own configuration, from the monitoring port (which
 // needs no NATS credentials, so it observes the server from outside its auth).
 type varz struct {
-	AuthRequired bool `json:"auth_required"`
-	TLSRequired  bool `json:"tls_required"`
-	MaxPayload   int  `json:"max_payload"`
-	JetStream    struct {
+	AuthRequired   bool `json:"auth_required"`
+	TLSRequired    bool `json:"tls_required"`
+	MaxPayload     int  `json:"max_payload"`
+	MaxConnections int  `json:"max_connections"`
+	Connections    int  `json:"connections"`
+	JetStream      struct {
 		Config *struct {
 			SyncAlways bool `json:"sync_always"`
 		} `json:"config"`
