@@ -77,6 +77,9 @@ chaos:
 	status=$$?; \
 	$(GO) test -race -count=1 -timeout 20m -run 'TestS08' ./internal/security/ \
 		-args -kagzi.chaos -kagzi.summary=$(CURDIR)/bin/chaos-summary.txt || status=1; \
+	cd $(CURDIR)/libs && start=$$(date +%s) && \
+		if $(GO) test -count=1 -timeout 60m -run '^TestModel$$' ./store/ -rapid.checks=20000; then v=PASS; else v=FAIL; status=1; fi; \
+	echo "TestModel (T17): 20,000 sequences of the store against its model: $$v in $$(( $$(date +%s) - start )) s" >> $(CURDIR)/bin/chaos-summary.txt; \
 	echo; cat $(CURDIR)/bin/chaos-summary.txt 2>/dev/null; exit $$status
 
 clean:
