@@ -249,6 +249,19 @@ type Doorbell struct {
 
 func (d Doorbell) msgID() string { return wire.ResendMsgID(d.Task.RunID, d.Task.DispatchSeq, d.Resend) }
 
+// TaskConsumerInfo reads the state of a workflow's task consumer.
+func (b *Bus) TaskConsumerInfo(ctx context.Context, namespace, workflow string) (*jetstream.ConsumerInfo, error) {
+	c, err := b.js.Consumer(ctx, wire.TaskStream, wire.TaskConsumer(namespace, workflow))
+	if err != nil {
+		return nil, fmt.Errorf("task consumer of %s/%s: %w", namespace, workflow, err)
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("task consumer of %s/%s: %w", namespace, workflow, err)
+	}
+	return info, nil
+}
+
 // PublishTasks publishes doorbells and waits for JetStream to accept them. Each carries
 // Nats-Msg-Id <run_id>:<dispatch_seq> (plus the relay's mark), so a repeated publish of
 // one announcement is dropped by the stream while a re-dispatch or a relay is not. A

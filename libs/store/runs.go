@@ -407,6 +407,12 @@ type RedispatchParams struct {
 	SweepParams
 	StaleAfter time.Duration // QUEUED this long without a claim: the dispatch went missing
 	LiveWithin time.Duration // a worker heartbeating within this serves its workflows
+	// Backlogged names workflows ("namespace/workflow") whose doorbells are still
+	// waiting in the task stream: a run of theirs may only be waiting its turn behind
+	// them, so it is relayed only once QUEUED for BackloggedStaleAfter. Relaying every
+	// run of a long queue each StaleAfter would bury the queue under no-op doorbells.
+	Backlogged           []string
+	BackloggedStaleAfter time.Duration
 }
 
 // Uses workflow_runs_queued_age. Only runs a live worker serves are re-dispatched: a run
@@ -417,6 +423,8 @@ WITH due AS (
     SELECT r.id FROM workflow_runs r
     WHERE r.status = 'QUEUED'
       AND r.queued_at <= coalesce($1::timestamptz, now()) - $3::bigint * interval '1 microsecond'
+      AND (r.namespace || '/' || r.workflow <> ALL ($5::text[])
+           OR r.queued_at <= coalesce($1::timestamptz, now()) - $6::bigint * interval '1 microsecond')
       AND EXISTS (SELECT 1 FROM workers w
                   WHERE w.namespace = r.namespace AND r.workflow = ANY (w.workflows)
                     AND w.heartbeat_at > coalesce($1::timestamptz, now()) - $4::bigint * interval '1 microsecond')
@@ -435,7 +443,12 @@ RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq, r.relays, r.lapse
 // queued_at restarts, so each run is relayed at most once per StaleAfter, and its relays
 // count goes up by one.
 func (s *Store) RunsRedispatchStale(ctx context.Context, p RedispatchParams) ([]Dispatch, error) {
-	rows, err := s.db.Query(ctx, runsRedispatchStaleSQL, nowArg(p.Now), p.Limit, micros(p.StaleAfter), micros(p.LiveWithin))
+	backlogged := p.Backlogged
+	if backlogged == nil {
+		backlogged = []string{}
+	}
+	rows, err := s.db.Query(ctx, runsRedispatchStaleSQL, nowArg(p.Now), p.Limit, micros(p.StaleAfter), micros(p.LiveWithin),
+		backlogged, micros(max(p.BackloggedStaleAfter, p.StaleAfter)))
 	if err != nil {
 		return nil, fmt.Errorf("redispatch stale runs: %w", err)
 	}

@@ -263,3 +263,38 @@ func TestLapsesInARow(t *testing.T) {
 		t.Fatalf("lapses at each claim = %v, want %v", got, want)
 	}
 }
+
+// A run of a workflow whose doorbells are backlogged in the stream may only be waiting
+// its turn: it is relayed after BackloggedStaleAfter, not StaleAfter.
+func TestRedispatchWaitsOutABacklog(t *testing.T) {
+	t.Parallel()
+	s, _ := newStore(t)
+	ctx := context.Background()
+	insertRun(t, s, "behind-a-backlog")
+	if err := s.WorkerHeartbeat(ctx, store.Worker{ID: "w1", Namespace: "default", Workflows: []string{"wf"}}); err != nil {
+		t.Fatal(err)
+	}
+	served, err := s.WorkflowsServed(ctx, time.Hour)
+	if err != nil || len(served) != 1 || served[0] != (store.Served{Namespace: "default", Workflow: "wf"}) {
+		t.Fatalf("served = %+v, %v", served, err)
+	}
+	relay := func(after time.Duration, backlogged []string) int {
+		t.Helper()
+		at := time.Now().Add(after)
+		got, err := s.RunsRedispatchStale(ctx, store.RedispatchParams{SweepParams: store.SweepParams{Now: &at, Limit: 10},
+			StaleAfter: time.Minute, LiveWithin: 24 * time.Hour, Backlogged: backlogged, BackloggedStaleAfter: 10 * time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(got)
+	}
+	if n := relay(2*time.Minute, []string{"default/wf"}); n != 0 {
+		t.Fatalf("relayed %d runs of a backlogged workflow after 2 min, want 0", n)
+	}
+	if n := relay(2*time.Minute, []string{"default/other"}); n != 1 {
+		t.Fatalf("relayed %d runs when another workflow is backlogged, want 1", n)
+	}
+	if n := relay(20*time.Minute, []string{"default/wf"}); n != 1 {
+		t.Fatalf("relayed %d runs of a backlogged workflow after 20 min, want 1", n)
+	}
+}

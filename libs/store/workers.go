@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // Worker is an executor's announcement of itself.
@@ -46,4 +48,32 @@ func (s *Store) WorkersPrune(ctx context.Context, olderThan time.Duration) (int6
 		return 0, fmt.Errorf("prune workers: %w", err)
 	}
 	return tag.RowsAffected(), nil
+}
+
+// Served is a workflow some live worker serves.
+type Served struct {
+	Namespace string
+	Workflow  string
+}
+
+// Uses workers_heartbeat.
+const workflowsServedSQL = `
+SELECT DISTINCT namespace, unnest(workflows) FROM workers
+WHERE heartbeat_at > now() - $1::bigint * interval '1 microsecond'`
+
+// WorkflowsServed lists the workflows that workers heartbeating within liveWithin serve.
+func (s *Store) WorkflowsServed(ctx context.Context, liveWithin time.Duration) ([]Served, error) {
+	rows, err := s.db.Query(ctx, workflowsServedSQL, micros(liveWithin))
+	if err != nil {
+		return nil, fmt.Errorf("list served workflows: %w", err)
+	}
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (Served, error) {
+		var sv Served
+		err := row.Scan(&sv.Namespace, &sv.Workflow)
+		return sv, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list served workflows: %w", err)
+	}
+	return out, nil
 }

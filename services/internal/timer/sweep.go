@@ -90,9 +90,14 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 		}
 	}
 
+	var backlogged []string
+	if due(func(n store.NextDue) *time.Time { return n.Stale }) {
+		backlogged = t.backlogged(ctx)
+	}
 	for due(func(n store.NextDue) *time.Time { return n.Stale }) {
 		ds, err := t.st.RunsRedispatchStale(ctx, store.RedispatchParams{
 			SweepParams: params, StaleAfter: t.cfg.StaleAfter, LiveWithin: t.cfg.LiveWithin,
+			Backlogged: backlogged, BackloggedStaleAfter: backloggedStaleFactor * t.cfg.StaleAfter,
 		})
 		if err != nil {
 			return res, err
@@ -109,6 +114,32 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 		}
 	}
 	return res, nil
+}
+
+// backloggedStaleFactor: a run of a workflow whose task consumer still has doorbells
+// waiting is relayed only after this many times StaleAfter.
+const backloggedStaleFactor = 10
+
+// backlogged lists the served workflows ("namespace/workflow") whose task consumers still
+// have doorbells waiting to be delivered: their QUEUED runs may be waiting their turn,
+// not lost. A consumer that cannot be read counts as drained, so a broker that lost its
+// state never stops the relay.
+func (t *Timer) backlogged(ctx context.Context) []string {
+	served, err := t.st.WorkflowsServed(ctx, t.cfg.LiveWithin)
+	if err != nil {
+		t.log.Warn("list served workflows; relaying as if no queue were backlogged", zap.Error(err))
+		return nil
+	}
+	var out []string
+	for _, sv := range served {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		info, err := t.b.TaskConsumerInfo(cctx, sv.Namespace, sv.Workflow)
+		cancel()
+		if err == nil && info.NumPending > 0 {
+			out = append(out, sv.Namespace+"/"+sv.Workflow)
+		}
+	}
+	return out
 }
 
 // publish announces committed dispatches. A failure is logged, not returned: the runs

@@ -470,3 +470,43 @@ func TestStartStopContract(t *testing.T) {
 	tm.Stop()
 	tm.Stop()
 }
+
+// While a workflow's consumer still has doorbells waiting, its stale runs may be waiting
+// their turn behind them: the relay holds off (up to ten times the stale threshold)
+// instead of burying the queue under copies, and relays once the queue has drained.
+func TestRelayWaitsOutABackloggedQueue(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := context.Background()
+	cons := e.taskConsumer(t, "busy")
+	e.heartbeat(t, "busy")
+	queued := e.insertRun(t, "busy", 5)
+	if err := e.b.PublishTasks(ctx, []bus.Doorbell{{Namespace: queued.Namespace, Workflow: queued.Workflow,
+		Task: wire.Task{RunID: queued.RunID, DispatchSeq: queued.DispatchSeq}}}); err != nil {
+		t.Fatal(err)
+	}
+	e.insertRun(t, "busy", 5) // its doorbell never published
+	tm := e.startTimer(t, timer.Config{StaleAfter: 200 * time.Millisecond})
+	eventually(t, 10*time.Second, "runs stale", func() bool {
+		var n int
+		err := e.pool.QueryRow(ctx, `SELECT count(*) FROM workflow_runs WHERE queued_at < now() - interval '300 milliseconds'`).Scan(&n)
+		return err == nil && n == 2
+	})
+	if err := tm.Tick(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := testutil.ToFloat64(e.m.Redispatched); got != 0 {
+		t.Fatalf("relayed %v runs while a doorbell waits in the queue, want 0", got)
+	}
+	if task, _ := nextTask(t, cons, 10*time.Second); task.RunID != queued.RunID {
+		t.Fatalf("first doorbell = %+v, want run %s", task, queued.RunID)
+	}
+	// Drained: both runs are relayed (the one just delivered is still QUEUED, as nobody
+	// claimed it; its copy will be a no-op claim).
+	if err := tm.Tick(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := testutil.ToFloat64(e.m.Redispatched); got != 2 {
+		t.Fatalf("relayed %v runs once the queue drained, want 2", got)
+	}
+}
