@@ -680,26 +680,40 @@ func (w *Worker) admit(rc *runContext) (done func(), ok bool) {
 		}
 		return func() { w.gate.Release(1) }, true
 	}
-	if !w.isolating.CompareAndSwap(false, true) {
-		w.release(rc, "hand back run: another runs alone here")
-		return nil, false
-	}
-	all := int64(w.cfg.Concurrency)
-	ctx, cancel := context.WithTimeout(rc, w.cfg.Lease)
-	err := w.gate.Acquire(ctx, all)
-	cancel()
-	if err == nil {
+	done, err := w.takeAll(rc)
+	switch {
+	case err == nil:
 		w.metrics.ranAlone.Add(1)
 		rc.log.Info("running alone: its last attempts ended with their lease lapsing", "lapses", rc.run.Lapses)
-		return func() { w.gate.Release(all); w.isolating.Store(false) }, true
-	}
-	w.isolating.Store(false)
-	if rc.Err() == nil {
+		return done, true
+	case errors.Is(err, errAnotherAlone):
+		w.release(rc, "hand back run: another runs alone here")
+	case rc.Err() == nil:
 		// The runs here did not finish within a lease: let another executor try, rather
 		// than keep this one from working or run beside them.
 		w.release(rc, "hand back run that could not run alone")
 	}
 	return nil, false
+}
+
+// errAnotherAlone: a run already waits here to run alone, or runs alone.
+var errAnotherAlone = errors.New("another run waits to run alone here")
+
+// takeAll takes every unit of the gate for a run that must run alone, waiting at most a
+// lease (or until ctx ends) for the runs in progress; while it waits or holds them, the
+// worker takes no new work. done gives the gate back.
+func (w *Worker) takeAll(ctx context.Context) (done func(), err error) {
+	if !w.isolating.CompareAndSwap(false, true) {
+		return nil, errAnotherAlone
+	}
+	ctx, cancel := context.WithTimeout(ctx, w.cfg.Lease)
+	defer cancel()
+	all := int64(w.cfg.Concurrency)
+	if err := w.gate.Acquire(ctx, all); err != nil {
+		w.isolating.Store(false)
+		return nil, err
+	}
+	return func() { w.gate.Release(all); w.isolating.Store(false) }, nil
 }
 
 // suspect says whether a run with this many lapses in a row runs alone.
@@ -716,31 +730,31 @@ func (w *Worker) makeRoom(msg jetstream.Msg) (done func(), ok bool) {
 	if w.cfg.Concurrency == 1 {
 		return func() {}, true // its slot is the only one
 	}
-	if !w.isolating.CompareAndSwap(false, true) {
-		_ = msg.NakWithDelay(100 * time.Millisecond)
-		return nil, false
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), w.cfg.Lease)
-	defer cancel()
+	// Kept in progress while it waits, so AckWait does not hand it to another executor.
+	waiting, stopWaiting := context.WithCancel(context.Background())
 	go func() {
 		tick := time.NewTicker(time.Second)
 		defer tick.Stop()
 		for {
 			select {
-			case <-ctx.Done():
+			case <-waiting.Done():
 				return
 			case <-tick.C:
 				_ = msg.InProgress()
 			}
 		}
 	}()
-	all := int64(w.cfg.Concurrency)
-	if err := w.gate.Acquire(ctx, all); err != nil {
-		w.isolating.Store(false)
+	done, err := w.takeAll(context.Background())
+	stopWaiting()
+	switch {
+	case errors.Is(err, errAnotherAlone):
+		_ = msg.NakWithDelay(100 * time.Millisecond)
+		return nil, false
+	case err != nil:
 		_ = msg.Nak()
 		return nil, false
 	}
-	return func() { w.gate.Release(all); w.isolating.Store(false) }, true
+	return done, true
 }
 
 // invoke runs the workflow function, recovering the SDK's unwinding and user panics.

@@ -1,7 +1,6 @@
 package store
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -474,9 +473,7 @@ func (s *Store) RunsInsert(ctx context.Context, ps []RunInsertParams) []InsertRe
 		if r, ok := existing[runKey{p.Namespace, p.Workflow, p.IdempotencyKey}]; ok {
 			out[i].RunInsertResult = RunInsertResult{Dispatch: Dispatch{RunID: r.id, Namespace: p.Namespace,
 				Workflow: p.Workflow, DispatchSeq: r.dispatchSeq}, Existing: true, Status: r.status}
-			if !bytes.Equal(r.input, p.Input) {
-				out[i].Err = wire.Errorf(wire.ErrIdempotencyConflict, "key %q already started run %s with another input", p.IdempotencyKey, r.id)
-			}
+			out[i].Err = sameInput(p, r.id, r.input)
 			continue
 		}
 		out[i].RunInsertResult, out[i].Err = s.RunInsert(ctx, p)

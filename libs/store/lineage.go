@@ -1,7 +1,6 @@
 package store
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -107,10 +106,7 @@ func (s *Store) RunInsertChild(ctx context.Context, p RunInsertChildParams) (Run
 		return res, nil
 	case existingID != nil:
 		res.RunID, res.Status, res.DispatchSeq, res.Existing = *existingID, *existingStatus, *existingSeq, true
-		if !bytes.Equal(existingInput, p.Input) {
-			return res, wire.Errorf(wire.ErrIdempotencyConflict, "key %q already started run %s with another input", p.IdempotencyKey, res.RunID)
-		}
-		return res, nil
+		return res, sameInput(p.RunInsertParams, res.RunID, existingInput)
 	case depth == nil:
 		return RunInsertResult{}, wire.Errorf(wire.ErrRunNotFound, "parent run %s is not in namespace %q", p.Parent, p.Namespace)
 	case *depth > p.MaxDepth:
@@ -122,15 +118,5 @@ func (s *Store) RunInsertChild(ctx context.Context, p RunInsertChildParams) (Run
 	}
 	// The key was taken by a start that committed after this statement's snapshot: read
 	// it as RunInsert does.
-	var input []byte
-	err := s.db.QueryRow(ctx, runByIdempotencyKeySQL, p.Namespace, p.Workflow, p.IdempotencyKey).
-		Scan(&res.RunID, &input, &res.Status, &res.DispatchSeq)
-	if err != nil {
-		return RunInsertResult{}, fmt.Errorf("read run for idempotency key %q: %w", p.IdempotencyKey, err)
-	}
-	res.Existing = true
-	if !bytes.Equal(input, p.Input) {
-		return res, wire.Errorf(wire.ErrIdempotencyConflict, "key %q already started run %s with another input", p.IdempotencyKey, res.RunID)
-	}
-	return res, nil
+	return s.existingRun(ctx, p.RunInsertParams, res)
 }

@@ -76,8 +76,14 @@ func (s *Store) RunInsert(ctx context.Context, p RunInsertParams) (RunInsertResu
 	if !errors.Is(err, pgx.ErrNoRows) {
 		return RunInsertResult{}, fmt.Errorf("insert run %s: %w", p.ID, err)
 	}
+	return s.existingRun(ctx, p, res)
+}
+
+// existingRun reads the run that holds p's idempotency key into res (Existing), with
+// wire.ErrIdempotencyConflict when that run was started with another input.
+func (s *Store) existingRun(ctx context.Context, p RunInsertParams, res RunInsertResult) (RunInsertResult, error) {
 	var input []byte
-	err = s.db.QueryRow(ctx, runByIdempotencyKeySQL, p.Namespace, p.Workflow, p.IdempotencyKey).
+	err := s.db.QueryRow(ctx, runByIdempotencyKeySQL, p.Namespace, p.Workflow, p.IdempotencyKey).
 		Scan(&res.RunID, &input, &res.Status, &res.DispatchSeq)
 	if err != nil {
 		// The conflicting row cannot vanish (runs are never deleted by the engine), so
@@ -85,10 +91,16 @@ func (s *Store) RunInsert(ctx context.Context, p RunInsertParams) (RunInsertResu
 		return RunInsertResult{}, fmt.Errorf("read run for idempotency key %q: %w", p.IdempotencyKey, err)
 	}
 	res.Existing = true
-	if !bytes.Equal(input, p.Input) {
-		return res, wire.Errorf(wire.ErrIdempotencyConflict, "key %q already started run %s with another input", p.IdempotencyKey, res.RunID)
+	return res, sameInput(p, res.RunID, input)
+}
+
+// sameInput says whether a start may take the run its key already names: only with the
+// input that run was started with.
+func sameInput(p RunInsertParams, runID wire.RunID, input []byte) error {
+	if bytes.Equal(input, p.Input) {
+		return nil
 	}
-	return res, nil
+	return wire.Errorf(wire.ErrIdempotencyConflict, "key %q already started run %s with another input", p.IdempotencyKey, runID)
 }
 
 // RunClaimParams identifies one dispatch of one run.
