@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -50,7 +51,19 @@ type WorkerConfig struct {
 	// way the sleep is durable: after a crash the run resumes at its recorded wake time.
 	// Default min(5s, Lease/3); negative: every sleep parks.
 	LocalSleepMax time.Duration
-	ID            string // default: hostname-pid-random
+	// ID is the worker's id, stored as the lease owner of the runs it holds. Default:
+	// "<Name>/<pid>-<random>" when Name is set, else hostname-pid-random. Ids of the form
+	// "<name>/…" belong to the worker named name: set Name rather than such an ID.
+	ID string
+	// Name is the worker's stable name: the same across restarts of one executor (a
+	// StatefulSet pod name, a systemd unit), and never shared by two executors alive at
+	// once in a namespace. Optional; 1–255 bytes of [A-Za-z0-9_-]. A named worker holds a
+	// PostgreSQL advisory lock on its name for as long as it runs, on a connection of its
+	// own; holding it proves that every earlier incarnation is dead, so at start it hands
+	// back at once the runs they still held, as their leases would a lease later
+	// (attempt and lapse counted). If another session holds the name, the worker warns,
+	// runs without it and takes it over when it is freed.
+	Name string
 	// Clock is read for the worker's lease deadlines and sleep timing, which it measures
 	// as intervals between its readings; wake times and leases themselves are set by the
 	// database's clock. Default: clock.Default().
@@ -113,6 +126,17 @@ func (c *WorkerConfig) setDefaults() error {
 	}
 	if c.IsolateAfterLapses == 0 {
 		c.IsolateAfterLapses = 2
+	}
+	if c.Name != "" {
+		if err := wire.ValidateName("worker", c.Name); err != nil {
+			return err
+		}
+		if c.ID != "" && !strings.HasPrefix(c.ID, c.Name+"/") {
+			return wire.Errorf(wire.ErrInvalidArgument, "worker id %q of a worker named %q does not start with %q", c.ID, c.Name, c.Name+"/")
+		}
+	}
+	if c.ID == "" && c.Name != "" {
+		c.ID = fmt.Sprintf("%s/%d-%s", c.Name, os.Getpid(), wire.NewRunID()[24:])
 	}
 	if c.ID == "" {
 		host, _ := os.Hostname()
@@ -180,6 +204,7 @@ type Worker struct {
 	loops           sync.WaitGroup // fetch loops
 	heartbeats      sync.WaitGroup // the lease heartbeat, which outlives the fetch loops
 	runs            sync.WaitGroup // executing runs
+	name            *nameLock      // the lock on cfg.Name; nil when unnamed
 }
 
 // NewWorker makes a Worker; call Register, then Start.
@@ -273,6 +298,11 @@ func (w *Worker) Start(ctx context.Context) error {
 	if err := w.store.WorkerHeartbeat(ctx, w.announcement()); err != nil {
 		return fmt.Errorf("start worker: %w", err)
 	}
+	if w.cfg.Name != "" {
+		// Before the first fetch: the runs a dead predecessor held are queued again
+		// before this worker asks for work.
+		w.name = w.startNameLock(ctx)
+	}
 	for i := 0; i < w.cfg.Concurrency; i++ {
 		w.slots <- struct{}{}
 	}
@@ -346,6 +376,8 @@ func (w *Worker) Stop(ctx context.Context) error {
 		if e := w.store.WorkerDelete(delCtx, w.cfg.ID); e != nil {
 			err = e
 		}
+		// Last: while the name is held no successor hands back what this worker holds.
+		w.name.stop()
 		w.log.Info("worker stopped", "released", w.metrics.released.Load())
 	})
 	return err

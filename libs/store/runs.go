@@ -374,16 +374,12 @@ type LeaseExpiry struct {
 	Status wire.Status // QUEUED (dispatch it) or FAILED (attempts exhausted)
 }
 
-// Uses workflow_runs_running_lease. An expired lease costs an attempt, so a run that
-// kills its executor every time (os.Exit in a step) ends FAILED instead of looping; it
-// also counts a lapse, so that executors run a repeat offender alone.
-const runsExpireLeasesSQL = `
-WITH due AS (
-    SELECT id FROM workflow_runs
-    WHERE status = 'RUNNING' AND lease_expires_at <= coalesce($1::timestamptz, now())
-    ORDER BY lease_expires_at LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
+// leaseEndSQL ends the attempts of the runs a CTE named due selects (RUNNING runs,
+// locked FOR UPDATE SKIP LOCKED) exactly as a lapsed lease ends them. An ended lease
+// costs an attempt, so a run that kills its executor every time (os.Exit in a step) ends
+// FAILED instead of looping; it also counts a lapse, so that executors run a repeat
+// offender alone. RunsExpireLeases and RunsExpirePredecessorLeases differ only in due.
+const leaseEndSQL = `
 UPDATE workflow_runs r SET
     status = CASE WHEN r.attempt < r.max_attempts THEN 'QUEUED' ELSE 'FAILED' END,
     attempt = CASE WHEN r.attempt < r.max_attempts THEN r.attempt + 1 ELSE r.attempt END,
@@ -396,12 +392,61 @@ UPDATE workflow_runs r SET
 FROM due WHERE r.id = due.id
 RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq, r.lapses, r.status`
 
+// Uses workflow_runs_running_lease.
+const runsExpireLeasesSQL = `
+WITH due AS (
+    SELECT id FROM workflow_runs
+    WHERE status = 'RUNNING' AND lease_expires_at <= coalesce($1::timestamptz, now())
+    ORDER BY lease_expires_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)` + leaseEndSQL
+
 // RunsExpireLeases re-queues runs whose lease lapsed (or fails them when their attempts
 // are spent).
 func (s *Store) RunsExpireLeases(ctx context.Context, p SweepParams) ([]LeaseExpiry, error) {
-	rows, err := s.db.Query(ctx, runsExpireLeasesSQL, nowArg(p.Now), p.Limit)
+	return s.queryLeaseExpiries(ctx, "expire leases", runsExpireLeasesSQL, nowArg(p.Now), p.Limit)
+}
+
+// PredecessorLeasesParams names a worker that holds its stable name's lock (see
+// WorkerNameTryLock): the earlier incarnations of that name are dead.
+type PredecessorLeasesParams struct {
+	Namespace string
+	Name      string // the stable name; lease owners "<Name>/…" are its incarnations
+	Self      string // the caller's own worker id ("<Name>/…"), whose runs are left alone
+	Limit     int
+}
+
+// The scan is bounded by workflow_runs_running_lease: a partial index on status =
+// 'RUNNING', so only the runs held right now (at most the executors' total concurrency)
+// are read, in lease order, and filtered by namespace and owner. starts_with needs no
+// LIKE escaping ('_' is valid in a name).
+const runsExpirePredecessorLeasesSQL = `
+WITH due AS (
+    SELECT id FROM workflow_runs
+    WHERE status = 'RUNNING' AND namespace = $1
+      AND starts_with(lease_owner, $2 || '/') AND lease_owner <> $3
+    ORDER BY lease_expires_at LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)` + leaseEndSQL
+
+// RunsExpirePredecessorLeases ends, at once, the attempts of the runs that earlier
+// incarnations of a named worker still hold, as their lapsed leases would end them a
+// lease later: re-queued (or FAILED when their attempts are spent), attempt and lapses
+// counted. Only a worker holding the name's lock may call it: the lock proves that no
+// earlier incarnation is alive. A run another statement has locked is skipped (the lease
+// sweep takes it); a batch shorter than Limit means none is left.
+func (s *Store) RunsExpirePredecessorLeases(ctx context.Context, p PredecessorLeasesParams) ([]LeaseExpiry, error) {
+	if p.Name == "" || p.Self == "" {
+		return nil, wire.Errorf(wire.ErrInvalidArgument, "expire predecessor leases: need Name and Self")
+	}
+	return s.queryLeaseExpiries(ctx, "expire leases of earlier incarnations of "+p.Name, runsExpirePredecessorLeasesSQL,
+		p.Namespace, p.Name, p.Self, p.Limit)
+}
+
+func (s *Store) queryLeaseExpiries(ctx context.Context, what, sql string, args ...any) ([]LeaseExpiry, error) {
+	rows, err := s.db.Query(ctx, sql, args...)
 	if err != nil {
-		return nil, fmt.Errorf("expire leases: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (LeaseExpiry, error) {
 		var e LeaseExpiry
@@ -409,7 +454,7 @@ func (s *Store) RunsExpireLeases(ctx context.Context, p SweepParams) ([]LeaseExp
 		return e, err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("expire leases: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	return out, nil
 }

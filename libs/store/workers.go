@@ -77,3 +77,32 @@ func (s *Store) WorkflowsServed(ctx context.Context, liveWithin time.Duration) (
 	}
 	return out, nil
 }
+
+// workerNameLockClass is the first key of the advisory locks on workers' stable names
+// (the two-int4 form, apart from the bigint keys of migrations and run trees).
+const workerNameLockClass = 0x4b5a4e4d // "KZNM"
+
+const workerNameTryLockSQL = `SELECT pg_try_advisory_lock($1::int4, hashtext($2 || '/' || $3))`
+
+// WorkerNameTryLock takes the session-level advisory lock on a worker's stable name in a
+// namespace, without waiting; false: another session holds it. Run it on a dedicated
+// connection held for the life of the worker (a *pgx.Conn, not a pool): the lock lasts
+// as long as that session, and a killed process's session ends with it, so holding the
+// lock proves that no earlier incarnation of the name is alive.
+func (s *Store) WorkerNameTryLock(ctx context.Context, namespace, name string) (bool, error) {
+	var ok bool
+	if err := s.db.QueryRow(ctx, workerNameTryLockSQL, workerNameLockClass, namespace, name).Scan(&ok); err != nil {
+		return false, fmt.Errorf("lock worker name %s/%s: %w", namespace, name, err)
+	}
+	return ok, nil
+}
+
+const workerNameLockSQL = `SELECT pg_advisory_lock($1::int4, hashtext($2 || '/' || $3))`
+
+// WorkerNameLock waits for the lock of WorkerNameTryLock until it is free or ctx ends.
+func (s *Store) WorkerNameLock(ctx context.Context, namespace, name string) error {
+	if _, err := s.db.Exec(ctx, workerNameLockSQL, workerNameLockClass, namespace, name); err != nil {
+		return fmt.Errorf("wait for worker name lock %s/%s: %w", namespace, name, err)
+	}
+	return nil
+}

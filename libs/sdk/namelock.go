@@ -1,0 +1,191 @@
+package sdk
+
+import (
+	"context"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/store"
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// nameLock holds a named worker's advisory lock (store.WorkerNameTryLock) on a connection
+// of its own for the life of the worker, and takes it again, with backoff, when that
+// connection drops. The first time it holds the lock it hands back the runs earlier
+// incarnations of the name held: a killed process's session, and its lock, end with it,
+// so while the lock is ours none of them is alive, and their runs need not wait for
+// their leases to lapse.
+type nameLock struct {
+	w      *Worker
+	conn   *pgx.Conn // nil while disconnected; owned by run once it started
+	held   bool      // conn holds the lock
+	warned bool      // the lock was found taken, and said so, on this connection
+	// recovered: the predecessors' runs were handed back (once per worker).
+	recovered bool
+	cancel    context.CancelFunc
+	done      chan struct{}
+}
+
+// nameLockPing is how often the held connection is checked: a lock lost with its
+// connection is taken again this long after at most.
+const nameLockPing = 5 * time.Second
+
+// predecessorBatch bounds one statement handing back predecessors' runs.
+const predecessorBatch = 256
+
+// startNameLock tries the lock once within ctx, handing back the predecessors' runs if
+// it got it, then keeps the lock (or goes on trying for it) in the background.
+func (w *Worker) startNameLock(ctx context.Context) *nameLock {
+	n := &nameLock{w: w, done: make(chan struct{})}
+	n.attempt(ctx, false)
+	bg, cancel := context.WithCancel(context.Background())
+	n.cancel = cancel
+	go n.run(bg)
+	return n
+}
+
+// stop releases the lock (its session ends) and waits for the background loop. Nil-safe.
+func (n *nameLock) stop() {
+	if n == nil {
+		return
+	}
+	n.cancel()
+	<-n.done
+}
+
+func (n *nameLock) run(ctx context.Context) {
+	defer close(n.done)
+	defer n.disconnect()
+	b := newBackoff(100*time.Millisecond, 10*time.Second)
+	tick := time.NewTicker(nameLockPing)
+	defer tick.Stop()
+	for ctx.Err() == nil {
+		if !n.held {
+			if !n.attempt(ctx, true) {
+				b.wait(ctx)
+				continue
+			}
+			b.reset()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if !n.recovered {
+			n.recover(ctx)
+		}
+		pctx, cancel := context.WithTimeout(ctx, nameLockPing)
+		err := n.conn.Ping(pctx)
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			n.w.log.Warn("worker name lock: connection lost; taking the lock again", "name", n.w.cfg.Name, "error", err)
+			n.disconnect()
+		}
+	}
+}
+
+// attempt connects if need be and takes the lock; wait: if another session holds it,
+// wait until it is free (or ctx ends). It hands back the predecessors' runs the first
+// time the lock is held. It says whether the lock is held.
+func (n *nameLock) attempt(ctx context.Context, wait bool) bool {
+	w := n.w
+	if n.conn == nil {
+		conn, err := pgx.ConnectConfig(ctx, w.cfg.Pool.Config().ConnConfig)
+		if err != nil {
+			if ctx.Err() == nil || !wait {
+				w.log.Warn("worker name lock: connect", "name", w.cfg.Name, "error", err)
+			}
+			return false
+		}
+		n.conn, n.warned = conn, false
+	}
+	st := store.New(n.conn)
+	ok, err := st.WorkerNameTryLock(ctx, w.cfg.Namespace, w.cfg.Name)
+	if err == nil && !ok {
+		if !n.warned {
+			n.warned = true
+			w.log.Warn("worker name held by another session: an earlier incarnation not gone yet, or another live executor "+
+				"with the same name (two must never share one); runs of earlier incarnations wait for their leases until it is free",
+				"name", w.cfg.Name)
+		}
+		if !wait {
+			return false
+		}
+		err = st.WorkerNameLock(ctx, w.cfg.Namespace, w.cfg.Name)
+		ok = err == nil
+	}
+	if err != nil {
+		if ctx.Err() == nil {
+			w.log.Warn("worker name lock", "name", w.cfg.Name, "error", err)
+		}
+		n.disconnect()
+		return false
+	}
+	n.held = true
+	if !n.recovered {
+		n.recover(ctx)
+	}
+	return true
+}
+
+func (n *nameLock) disconnect() {
+	if n.conn == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = n.conn.Close(ctx)
+	n.conn, n.held = nil, false
+}
+
+// recover ends the attempts of the runs earlier incarnations hold, as the timer's lease
+// sweep would end them once their leases lapsed, and announces the outcome as it does:
+// a doorbell for each run re-queued, a done notice for each run that spent its last
+// attempt. On an error it is tried again at the next check; the lease sweep remains the
+// safety net.
+func (n *nameLock) recover(ctx context.Context) {
+	w := n.w
+	requeued, failed := 0, 0
+	for {
+		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		es, err := w.store.RunsExpirePredecessorLeases(qctx, store.PredecessorLeasesParams{
+			Namespace: w.cfg.Namespace, Name: w.cfg.Name, Self: w.cfg.ID, Limit: predecessorBatch})
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil {
+				w.log.Warn("hand back runs of earlier incarnations", "name", w.cfg.Name, "error", err)
+			}
+			return
+		}
+		bells := make([]bus.Doorbell, 0, len(es))
+		for _, e := range es {
+			if e.Status == wire.StatusFailed {
+				failed++
+				w.log.Warn("run of an earlier incarnation was on its last attempt; run failed", "run_id", e.RunID, "workflow", e.Workflow)
+				w.bus.PublishDone(e.Namespace, e.RunID, wire.StatusFailed, nil)
+				continue
+			}
+			requeued++
+			bells = append(bells, bus.Doorbell{Namespace: e.Namespace, Workflow: e.Workflow,
+				Task: wire.Task{RunID: e.RunID, DispatchSeq: e.DispatchSeq, Lapses: e.Lapses}})
+		}
+		if len(bells) > 0 {
+			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			// Not fatal: the runs are QUEUED, and the reconciler relays a lost doorbell.
+			if err := w.bus.PublishTasks(pctx, bells); err != nil {
+				w.log.Warn("publish doorbells of runs of earlier incarnations; the reconciler will relay them", "count", len(bells), "error", err)
+			}
+			cancel()
+		}
+		if len(es) < predecessorBatch {
+			break
+		}
+	}
+	n.recovered = true
+	if requeued+failed > 0 {
+		w.log.Info("runs of earlier incarnations handed back", "name", w.cfg.Name, "requeued", requeued, "failed", failed)
+	}
+}
