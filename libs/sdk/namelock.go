@@ -21,7 +21,7 @@ type nameLock struct {
 	w      *Worker
 	conn   *pgx.Conn // nil while disconnected; owned by run once it started
 	held   bool      // conn holds the lock
-	warned bool      // the lock was found taken, and said so, on this connection
+	warned bool      // the lock was found taken, and said so; not said again until held
 	// recovered: the predecessors' runs were handed back (once per worker).
 	recovered bool
 	cancel    context.CancelFunc
@@ -32,6 +32,9 @@ type nameLock struct {
 // connection is taken again this long after at most.
 const nameLockPing = 5 * time.Second
 
+// nameLockPoll is how often a lock another session holds is tried again.
+const nameLockPoll = time.Second
+
 // predecessorBatch bounds one statement handing back predecessors' runs.
 const predecessorBatch = 256
 
@@ -39,7 +42,7 @@ const predecessorBatch = 256
 // it got it, then keeps the lock (or goes on trying for it) in the background.
 func (w *Worker) startNameLock(ctx context.Context) *nameLock {
 	n := &nameLock{w: w, done: make(chan struct{})}
-	n.attempt(ctx, false)
+	n.attempt(ctx)
 	bg, cancel := context.WithCancel(context.Background())
 	n.cancel = cancel
 	go n.run(bg)
@@ -63,8 +66,14 @@ func (n *nameLock) run(ctx context.Context) {
 	defer tick.Stop()
 	for ctx.Err() == nil {
 		if !n.held {
-			if !n.attempt(ctx, true) {
+			switch n.attempt(ctx) {
+			case lockFailed:
 				b.wait(ctx)
+				continue
+			case lockTaken:
+				// Polled, not waited for in one statement: the runtime role's
+				// lock_timeout and statement_timeout would cut such a wait short.
+				sleepCtx(ctx, nameLockPoll)
 				continue
 			}
 			b.reset()
@@ -87,48 +96,63 @@ func (n *nameLock) run(ctx context.Context) {
 	}
 }
 
-// attempt connects if need be and takes the lock; wait: if another session holds it,
-// wait until it is free (or ctx ends). It hands back the predecessors' runs the first
-// time the lock is held. It says whether the lock is held.
-func (n *nameLock) attempt(ctx context.Context, wait bool) bool {
+type lockState int
+
+const (
+	lockHeld   lockState = iota
+	lockTaken            // another session holds it
+	lockFailed           // no answer: connection or query failed
+)
+
+// attempt connects if need be and tries the lock once. The first time the lock is held
+// it hands back the predecessors' runs.
+func (n *nameLock) attempt(ctx context.Context) lockState {
 	w := n.w
 	if n.conn == nil {
 		conn, err := pgx.ConnectConfig(ctx, w.cfg.Pool.Config().ConnConfig)
 		if err != nil {
-			if ctx.Err() == nil || !wait {
+			if ctx.Err() == nil {
 				w.log.Warn("worker name lock: connect", "name", w.cfg.Name, "error", err)
 			}
-			return false
+			return lockFailed
 		}
-		n.conn, n.warned = conn, false
+		n.conn = conn
 	}
-	st := store.New(n.conn)
-	ok, err := st.WorkerNameTryLock(ctx, w.cfg.Namespace, w.cfg.Name)
-	if err == nil && !ok {
+	ok, err := store.New(n.conn).WorkerNameTryLock(ctx, w.cfg.Namespace, w.cfg.Name)
+	if err != nil {
+		if ctx.Err() == nil {
+			w.log.Warn("worker name lock", "name", w.cfg.Name, "error", err)
+		}
+		n.disconnect()
+		return lockFailed
+	}
+	if !ok {
 		if !n.warned {
 			n.warned = true
 			w.log.Warn("worker name held by another session: an earlier incarnation not gone yet, or another live executor "+
 				"with the same name (two must never share one); runs of earlier incarnations wait for their leases until it is free",
 				"name", w.cfg.Name)
 		}
-		if !wait {
-			return false
-		}
-		err = st.WorkerNameLock(ctx, w.cfg.Namespace, w.cfg.Name)
-		ok = err == nil
-	}
-	if err != nil {
-		if ctx.Err() == nil {
-			w.log.Warn("worker name lock", "name", w.cfg.Name, "error", err)
-		}
-		n.disconnect()
-		return false
+		return lockTaken
 	}
 	n.held = true
+	if n.warned {
+		w.log.Info("worker name lock taken", "name", w.cfg.Name)
+		n.warned = false
+	}
 	if !n.recovered {
 		n.recover(ctx)
 	}
-	return true
+	return lockHeld
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
 }
 
 func (n *nameLock) disconnect() {

@@ -96,13 +96,3 @@ func (s *Store) WorkerNameTryLock(ctx context.Context, namespace, name string) (
 	}
 	return ok, nil
 }
-
-const workerNameLockSQL = `SELECT pg_advisory_lock($1::int4, hashtext($2 || '/' || $3))`
-
-// WorkerNameLock waits for the lock of WorkerNameTryLock until it is free or ctx ends.
-func (s *Store) WorkerNameLock(ctx context.Context, namespace, name string) error {
-	if _, err := s.db.Exec(ctx, workerNameLockSQL, workerNameLockClass, namespace, name); err != nil {
-		return fmt.Errorf("wait for worker name lock %s/%s: %w", namespace, name, err)
-	}
-	return nil
-}
