@@ -47,6 +47,7 @@ func newWorker(cfg platform.ExecutorConfig, pool *pgxpool.Pool, nc *nats.Conn, l
 		Lease:         cfg.Lease,
 		ShutdownGrace: cfg.ShutdownGrace,
 		LocalSleepMax: cfg.LocalSleepMax,
+		Name:          cfg.Name,
 		Logger:        platform.NewSlog(log.Named("executor")),
 		// PlatformModule has already migrated the schema or checked its version.
 		SkipSchemaCheck: true,

@@ -40,6 +40,7 @@ import (
 //	KAGZI_CONCURRENCY       --concurrency             executor, dev
 //	KAGZI_LEASE             --lease                   executor, dev
 //	KAGZI_SHUTDOWN_GRACE    --shutdown-grace          executor, dev
+//	KAGZI_EXECUTOR_NAME     --executor-name           executor
 //	KAGZI_STALE_AFTER       --stale-after             timer, dev
 //	KAGZI_MAX_IDLE          --max-idle                timer, dev
 //	KAGZI_DATA_DIR          --data                    dev
@@ -130,6 +131,9 @@ type ExecutorConfig struct {
 	Lease         time.Duration // how long a claim lasts without renewal
 	ShutdownGrace time.Duration // how long running steps may finish on shutdown
 	LocalSleepMax time.Duration // sleeps this short are waited out in process; 0: the SDK's default, <0: none
+	// Name is the executor's stable name (sdk.WorkerConfig.Name), the same across its
+	// restarts and never shared by two live executors; "": unnamed.
+	Name string
 }
 
 // DevConfig configures `kagzi dev`: every service in one process.
@@ -216,6 +220,14 @@ func loadExecutor(b *binder) (ExecutorConfig, error) {
 	var cfg ExecutorConfig
 	b.common(&cfg.Config, "executor", DefaultExecutorHTTPAddr, "json")
 	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace, &cfg.LocalSleepMax)
+	b.str(&cfg.Name, "executor-name", "KAGZI_EXECUTOR_NAME", "",
+		"stable name kept across restarts (a pod or unit name): a restarted executor hands back at once what its dead predecessor held")
+	b.check(func() error {
+		if cfg.Name == "" {
+			return nil
+		}
+		return wire.ValidateName("executor", cfg.Name)
+	})
 	if err := b.finish(); err != nil {
 		return ExecutorConfig{}, err
 	}

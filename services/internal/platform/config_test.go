@@ -43,7 +43,7 @@ func TestDefaults(t *testing.T) {
 	if cfg.Log.Level != zapcore.InfoLevel || cfg.Log.Format != "json" {
 		t.Errorf("log = %+v", cfg.Log)
 	}
-	if cfg.Concurrency != 1000 || cfg.Lease != 30*time.Second || cfg.ShutdownGrace != 25*time.Second {
+	if cfg.Concurrency != 1000 || cfg.Lease != 30*time.Second || cfg.ShutdownGrace != 25*time.Second || cfg.Name != "" {
 		t.Errorf("executor = %d %s %s", cfg.Concurrency, cfg.Lease, cfg.ShutdownGrace)
 	}
 
@@ -80,6 +80,7 @@ func TestFlagsOverEnvironment(t *testing.T) {
 		"KAGZI_LOG_LEVEL", "debug",
 		"KAGZI_AUTO_MIGRATE", "false",
 		"KAGZI_NAMESPACE", "from-env",
+		"KAGZI_EXECUTOR_NAME", "executor-0",
 	)
 	cfg, err := LoadExecutor(Source{Env: e, Args: []string{
 		"--nats-url", "nats://flag:4222", "--concurrency=2", "--auto-migrate=true",
@@ -95,7 +96,7 @@ func TestFlagsOverEnvironment(t *testing.T) {
 	if cfg.Postgres.URL != "postgres://env@db:5432/envdb" || cfg.Postgres.MigrationURL != cfg.Postgres.URL {
 		t.Errorf("postgres = %+v", cfg.Postgres)
 	}
-	if cfg.Lease != 45*time.Second || cfg.Log.Level != zapcore.DebugLevel || cfg.Namespace != "from-env" {
+	if cfg.Lease != 45*time.Second || cfg.Log.Level != zapcore.DebugLevel || cfg.Namespace != "from-env" || cfg.Name != "executor-0" {
 		t.Errorf("env lost: %+v", cfg)
 	}
 }
@@ -207,6 +208,7 @@ func TestBadConfiguration(t *testing.T) {
 		{"negative pool", Source{Env: env("KAGZI_DB_MAX_CONNS", "-1")}, []string{"pool size -1"}},
 		{"log level", Source{Env: env("KAGZI_LOG_LEVEL", "loud", "KAGZI_LOG_FORMAT", "xml")}, []string{`log level "loud"`, `log format "xml"`}},
 		{"namespace", Source{Env: env("KAGZI_NAMESPACE", "a.b")}, []string{"namespace"}},
+		{"executor name", Source{Env: env("KAGZI_EXECUTOR_NAME", "pod/0")}, []string{`executor name "pod/0"`}},
 		{"http addr", Source{Env: env("KAGZI_HTTP_ADDR", "9103")}, []string{"http address"}},
 		{"nats scheme", Source{Env: env("NATS_URL", "http://127.0.0.1:4222")}, []string{`scheme "http"`}},
 		{"nats url", Source{Env: env("NATS_URL", "127.0.0.1")}, []string{"is not a URL"}},

@@ -4,7 +4,9 @@
 // test_worker_stats under its pid: the tests read fenced writes and no-op claims there,
 // with no port to allocate and nothing lost when the process is later killed.
 //
-//	DATABASE_URL, NATS_URL, KAGZI_EXECUTOR_NAME, KAGZI_LEASE (2s), KAGZI_CONCURRENCY (8),
+//	DATABASE_URL, NATS_URL, KAGZI_EXECUTOR_NAME (the worker's stable name, kept across
+//	restarts: a restarted executor hands back at once what its dead predecessor held),
+//	KAGZI_LEASE (2s), KAGZI_CONCURRENCY (8),
 //	KAGZI_LOCAL_SLEEP_MAX (the SDK's default; negative: every sleep parks the run),
 //	KAGZI_TASK_ACK_WAIT (the task consumer's AckWait; default the bus's, 30s),
 //	KAGZI_NAMESPACE (default), KAGZI_MAX_STEPS (the SDK's limit), KAGZI_DB_MAX_CONNS and
@@ -89,7 +91,7 @@ func run() error {
 	defer nc.Close()
 	w, err := sdk.NewWorker(sdk.WorkerConfig{Pool: pool, Conn: nc, Lease: lease, Concurrency: conc,
 		RetryBackoff: 100 * time.Millisecond, MaxBackoff: time.Second, ShutdownGrace: time.Second, LocalSleepMax: localSleep,
-		Namespace: k.namespace, Limits: k.limits,
+		Namespace: k.namespace, Limits: k.limits, Name: chaoswf.ExecutorName,
 		Consumer: consumer,
 		Logger:   slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))})
 	if err != nil {
