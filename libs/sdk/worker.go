@@ -284,16 +284,17 @@ func (w *Worker) Start(ctx context.Context) error {
 	// consumers now starts anyway and keeps trying in its fetch loops.
 	consumers := make(map[string]jetstream.Consumer, len(w.defs))
 	if err := w.bus.EnsureStreams(ctx); err != nil {
-		w.log.Warn("jetstream not ready; the worker will keep trying", "error", err)
-	} else {
-		for name := range w.defs {
-			cons, err := w.bus.EnsureTaskConsumer(ctx, w.cfg.Namespace, name, w.cfg.Consumer)
-			if err != nil {
-				w.log.Warn("task consumer not ready; the worker will keep trying", "workflow", name, "error", err)
-				continue
-			}
-			consumers[name] = cons
+		// Not fatal when the streams exist but could not be brought up to date (an
+		// executor may create streams, not change them): the consumers may still work.
+		w.log.Warn("jetstream streams not as configured; the worker will keep trying", "error", err)
+	}
+	for name := range w.defs {
+		cons, err := w.bus.EnsureTaskConsumer(ctx, w.cfg.Namespace, name, w.cfg.Consumer)
+		if err != nil {
+			w.log.Warn("task consumer not ready; the worker will keep trying", "workflow", name, "error", err)
+			continue
 		}
+		consumers[name] = cons
 	}
 	if err := w.store.WorkerHeartbeat(ctx, w.announcement()); err != nil {
 		return fmt.Errorf("start worker: %w", err)
@@ -488,10 +489,12 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 }
 
 func (w *Worker) recreate(ctx context.Context, workflow string) (jetstream.Consumer, error) {
-	if err := w.bus.EnsureStreams(ctx); err != nil {
-		return nil, err
+	serr := w.bus.EnsureStreams(ctx)
+	cons, err := w.bus.EnsureTaskConsumer(ctx, w.cfg.Namespace, workflow, w.cfg.Consumer)
+	if err != nil {
+		return nil, errors.Join(serr, err)
 	}
-	return w.bus.EnsureTaskConsumer(ctx, w.cfg.Namespace, workflow, w.cfg.Consumer)
+	return cons, nil
 }
 
 // fetchExpiry bounds one pull request, and so how long Stop waits for the fetch loops.

@@ -470,6 +470,10 @@ type RedispatchParams struct {
 	// run of a long queue each StaleAfter would bury the queue under no-op doorbells.
 	Backlogged           []string
 	BackloggedStaleAfter time.Duration
+	// LostBefore, when set, makes every run QUEUED before it due at once, stale or not:
+	// the task stream was made anew at that time, and every doorbell published before
+	// it went with the old one.
+	LostBefore time.Time
 }
 
 // Uses workflow_runs_queued_age. Only runs a live worker serves are re-dispatched: a run
@@ -479,9 +483,10 @@ const runsRedispatchStaleSQL = `
 WITH due AS (
     SELECT r.id FROM workflow_runs r
     WHERE r.status = 'QUEUED'
-      AND r.queued_at <= coalesce($1::timestamptz, now()) - $3::bigint * interval '1 microsecond'
-      AND (r.namespace || '/' || r.workflow <> ALL ($5::text[])
-           OR r.queued_at <= coalesce($1::timestamptz, now()) - $6::bigint * interval '1 microsecond')
+      AND (r.queued_at < $7::timestamptz
+           OR (r.queued_at <= coalesce($1::timestamptz, now()) - $3::bigint * interval '1 microsecond'
+               AND (r.namespace || '/' || r.workflow <> ALL ($5::text[])
+                    OR r.queued_at <= coalesce($1::timestamptz, now()) - $6::bigint * interval '1 microsecond')))
       AND EXISTS (SELECT 1 FROM workers w
                   WHERE w.namespace = r.namespace AND r.workflow = ANY (w.workflows)
                     AND w.heartbeat_at > coalesce($1::timestamptz, now()) - $4::bigint * interval '1 microsecond')
@@ -505,7 +510,7 @@ func (s *Store) RunsRedispatchStale(ctx context.Context, p RedispatchParams) ([]
 		backlogged = []string{}
 	}
 	rows, err := s.db.Query(ctx, runsRedispatchStaleSQL, nowArg(p.Now), p.Limit, micros(p.StaleAfter), micros(p.LiveWithin),
-		backlogged, micros(max(p.BackloggedStaleAfter, p.StaleAfter)))
+		backlogged, micros(max(p.BackloggedStaleAfter, p.StaleAfter)), timeArg(p.LostBefore))
 	if err != nil {
 		return nil, fmt.Errorf("redispatch stale runs: %w", err)
 	}

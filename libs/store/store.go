@@ -93,4 +93,12 @@ func nowArg(now *time.Time) any {
 	return *now
 }
 
+// timeArg passes an optional time: the zero time is NULL.
+func timeArg(t time.Time) any {
+	if t.IsZero() {
+		return nil
+	}
+	return t
+}
+
 func micros(d time.Duration) int64 { return d.Microseconds() }

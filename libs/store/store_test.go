@@ -298,3 +298,41 @@ func TestRedispatchWaitsOutABacklog(t *testing.T) {
 		t.Fatalf("relayed %d runs of a backlogged workflow after 20 min, want 1", n)
 	}
 }
+
+// A run QUEUED before the task stream was made anew lost its doorbell with the old
+// stream: LostBefore relays it at once, stale or not, backlogged or not, and only it.
+func TestRedispatchRelaysWhatALostStreamHeld(t *testing.T) {
+	t.Parallel()
+	s, pool := newStore(t)
+	ctx := context.Background()
+	if err := s.WorkerHeartbeat(ctx, store.Worker{ID: "w1", Namespace: "default", Workflows: []string{"wf"}}); err != nil {
+		t.Fatal(err)
+	}
+	before := insertRun(t, s, "queued-before-the-loss").Dispatch
+	var lostAt time.Time
+	if err := pool.QueryRow(ctx, `SELECT clock_timestamp()`).Scan(&lostAt); err != nil {
+		t.Fatal(err)
+	}
+	insertRun(t, s, "queued-after-the-loss")
+	relay := func(lostBefore time.Time) []store.Dispatch {
+		t.Helper()
+		got, err := s.RunsRedispatchStale(ctx, store.RedispatchParams{SweepParams: store.SweepParams{Limit: 10},
+			StaleAfter: time.Hour, LiveWithin: time.Hour, Backlogged: []string{"default/wf"}, BackloggedStaleAfter: 10 * time.Hour,
+			LostBefore: lostBefore})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	if got := relay(time.Time{}); len(got) != 0 {
+		t.Fatalf("relayed %d fresh runs with no loss, want 0", len(got))
+	}
+	got := relay(lostAt)
+	if len(got) != 1 || got[0].RunID != before.RunID || got[0].DispatchSeq != before.DispatchSeq || got[0].Resend != 1 {
+		t.Fatalf("relayed %+v, want only run %s, same dispatch, first relay", got, before.RunID)
+	}
+	// Its queued_at restarted: a second look at the same loss relays nothing.
+	if got := relay(lostAt); len(got) != 0 {
+		t.Fatalf("relayed %d runs on a second look at the same loss, want 0", len(got))
+	}
+}

@@ -95,25 +95,34 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 		backlogged = t.backlogged(ctx)
 	}
 	for due(func(n store.NextDue) *time.Time { return n.Stale }) {
-		ds, err := t.st.RunsRedispatchStale(ctx, store.RedispatchParams{
+		n, err := t.relay(ctx, store.RedispatchParams{
 			SweepParams: params, StaleAfter: t.cfg.StaleAfter, LiveWithin: t.cfg.LiveWithin,
 			Backlogged: backlogged, BackloggedStaleAfter: backloggedStaleFactor * t.cfg.StaleAfter,
 		})
+		res.redispatched += n
 		if err != nil {
 			return res, err
 		}
-		res.redispatched += len(ds)
-		t.m.Redispatched.Add(float64(len(ds)))
-		for _, d := range ds {
-			t.log.Info("dispatch went unclaimed; run re-dispatched", telemetry.RunID(d.RunID), telemetry.Workflow(d.Workflow),
-				telemetry.Namespace(d.Namespace), zap.Int64("dispatch_seq", d.DispatchSeq))
-		}
-		t.publish(ctx, failpoint.ReconcileAfterCommitBeforePub, ds)
-		if len(ds) < t.cfg.BatchSize || t.quitting() {
+		if n < t.cfg.BatchSize || t.quitting() {
 			break
 		}
 	}
 	return res, nil
+}
+
+// relay runs one batch of the reconcile sweep and announces what it relayed.
+func (t *Timer) relay(ctx context.Context, p store.RedispatchParams) (int, error) {
+	ds, err := t.st.RunsRedispatchStale(ctx, p)
+	if err != nil {
+		return 0, err
+	}
+	t.m.Redispatched.Add(float64(len(ds)))
+	for _, d := range ds {
+		t.log.Info("dispatch went unclaimed; run re-dispatched", telemetry.RunID(d.RunID), telemetry.Workflow(d.Workflow),
+			telemetry.Namespace(d.Namespace), zap.Int64("dispatch_seq", d.DispatchSeq))
+	}
+	t.publish(ctx, failpoint.ReconcileAfterCommitBeforePub, ds)
+	return len(ds), nil
 }
 
 // backloggedStaleFactor: a run of a workflow whose task consumer still has doorbells

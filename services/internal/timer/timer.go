@@ -46,6 +46,9 @@ type Config struct {
 	BatchSize int
 	// EnsureStreamsEvery is how often streams are re-created if they vanished (30s).
 	EnsureStreamsEvery time.Duration
+	// WatchTasksEvery is how often the task stream is checked for having been lost and
+	// made anew, whereupon the runs whose doorbells it held are relayed at once (1s).
+	WatchTasksEvery time.Duration
 	// PruneWorkersAfter: workers silent this long are forgotten (10m, never below
 	// LiveWithin).
 	PruneWorkersAfter time.Duration
@@ -69,6 +72,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.EnsureStreamsEvery <= 0 {
 		c.EnsureStreamsEvery = 30 * time.Second
+	}
+	if c.WatchTasksEvery <= 0 {
+		c.WatchTasksEvery = time.Second
 	}
 	if c.PruneWorkersAfter <= 0 {
 		c.PruneWorkersAfter = 10 * time.Minute
@@ -158,9 +164,10 @@ func (t *Timer) Start(ctx context.Context) error {
 	if err := t.b.Conn().FlushWithContext(ctx); err != nil {
 		t.log.Warn("nats flush after subscribing; hints are heard after reconnect", zap.Error(err))
 	}
-	t.wg.Add(2)
+	t.wg.Add(3)
 	go t.run()
 	go t.maintain()
+	go t.watchTasks()
 	t.state = 1
 	t.log.Info("timer started",
 		zap.Duration("stale_after", t.cfg.StaleAfter), zap.Duration("max_idle", t.cfg.MaxIdle))

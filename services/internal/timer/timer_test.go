@@ -510,3 +510,60 @@ func TestRelayWaitsOutABackloggedQueue(t *testing.T) {
 		t.Fatalf("relayed %v runs once the queue drained, want 2", got)
 	}
 }
+
+// The task stream is memory-backed, so a broker restart loses every doorbell in it. The
+// timer notices the stream made anew and relays every run queued before it at once, long
+// before StaleAfter; a run queued into the new stream is left alone.
+func TestLostTaskStreamRelayedAtOnce(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := context.Background()
+	e.taskConsumer(t, "w")
+	e.heartbeat(t, "w")
+	var lost []store.Dispatch
+	for range 3 {
+		d := e.insertRun(t, "w", 5)
+		if err := e.b.PublishTasks(ctx, []bus.Doorbell{{Namespace: d.Namespace, Workflow: d.Workflow,
+			Task: wire.Task{RunID: d.RunID, DispatchSeq: d.DispatchSeq}}}); err != nil {
+			t.Fatal(err)
+		}
+		lost = append(lost, d)
+	}
+	e.startTimer(t, timer.Config{StaleAfter: time.Hour, WatchTasksEvery: 50 * time.Millisecond})
+	time.Sleep(300 * time.Millisecond) // the timer has seen the stream: it is not new to it
+	if got := testutil.ToFloat64(e.m.Redispatched); got != 0 {
+		t.Fatalf("relayed %v runs of a stream that lost nothing, want 0", got)
+	}
+
+	// The broker loses the stream, doorbells, consumer and all.
+	if err := e.b.JetStream().DeleteStream(ctx, wire.TaskStream); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the task stream made anew", func() bool {
+		_, err := e.b.TaskStreamInfo(ctx)
+		return err == nil
+	})
+	cons := e.taskConsumer(t, "w") // as an executor's next fetch would
+	later := e.insertRun(t, "w", 5)
+	if err := e.b.PublishTasks(ctx, []bus.Doorbell{{Namespace: later.Namespace, Workflow: later.Workflow,
+		Task: wire.Task{RunID: later.RunID, DispatchSeq: later.DispatchSeq}}}); err != nil {
+		t.Fatal(err)
+	}
+	want := map[wire.RunID]bool{later.RunID: true}
+	for _, d := range lost {
+		want[d.RunID] = true
+	}
+	for range len(want) {
+		task, _ := nextTask(t, cons, 5*time.Second)
+		if !want[task.RunID] || task.DispatchSeq != 1 {
+			t.Fatalf("doorbell %+v: not one of the runs, or not their first dispatch", task)
+		}
+		delete(want, task.RunID)
+	}
+	if got := testutil.ToFloat64(e.m.Redispatched); got != float64(len(lost)) {
+		t.Fatalf("kagzi_reconcile_redispatch_total = %v, want %d: the runs queued before the loss only", got, len(lost))
+	}
+	if msg, err := cons.Next(jetstream.FetchMaxWait(300 * time.Millisecond)); err == nil {
+		t.Fatalf("an extra doorbell %s", msg.Data())
+	}
+}
