@@ -457,7 +457,7 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 				return
 			}
 			w.log.Warn("fetch tasks", "workflow", def.Name(), "error", err)
-			if errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrStreamNotFound) {
+			if consumerGone(err) {
 				cons = nil // the broker lost its state: recreate what we rely on
 			}
 			backoff.wait(ctx)
@@ -478,7 +478,7 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 		want = min(max(2*got, 1), w.cfg.Concurrency)
 		if err := batch.Error(); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && !errors.Is(err, nats.ErrTimeout) {
 			w.log.Warn("fetch tasks", "workflow", def.Name(), "error", err)
-			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
+			if consumerGone(err) {
 				cons = nil
 			}
 			backoff.wait(ctx)
@@ -486,6 +486,15 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 		}
 		backoff.reset()
 	}
+}
+
+// consumerGone says whether a failed pull means the consumer must be made again. A pull
+// on a consumer that no longer exists can go unanswered ("no responders") rather than
+// fail with not-found: the task stream is memory-backed, and after a broker restart
+// neither it nor its consumers exist until someone makes them again.
+func consumerGone(err error) bool {
+	return errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrConsumerDeleted) ||
+		errors.Is(err, jetstream.ErrStreamNotFound) || errors.Is(err, nats.ErrNoResponders)
 }
 
 func (w *Worker) recreate(ctx context.Context, workflow string) (jetstream.Consumer, error) {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/kagzi/kagzi/libs/sdk"
+	"github.com/kagzi/kagzi/libs/testkit"
 	"github.com/kagzi/kagzi/libs/wire"
 )
 
@@ -542,5 +543,36 @@ func TestResultTakesTheOutcomeFromTheDoneNotice(t *testing.T) {
 	}
 	if n := e.describes.Load(); n != 2 {
 		t.Errorf("%d describe requests for two waits, want 2: the outcome comes with the notice", n)
+	}
+}
+
+// The task stream is memory-backed, so a broker restart takes it and the worker's
+// consumer with it; pulls on the lost consumer then go unanswered rather than fail with
+// not-found. A running worker makes its consumer again and goes on taking work.
+func TestWorkerOutlivesABrokerRestart(t *testing.T) {
+	t.Parallel()
+	srv := testkit.StartNATS(t)
+	e, stop, err := setupEnv(testkit.NewDatabase(t), srv.URL(), t.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	wf := sdk.Workflow("outlives-restart", func(ctx sdk.Context, in int) (int, error) {
+		return sdk.Step(ctx, "double", func(context.Context) (int, error) { return 2 * in, nil })
+	})
+	e.worker(t, []sdk.Registration{wf})
+	for i, restart := range []bool{false, true} {
+		if restart {
+			srv.Restart()
+			// What the scheduler and timer do for the streams; the consumer is the worker's.
+			waitFor(t, "streams made again", func() bool { return e.bus.EnsureStreams(ctxT(t)) == nil })
+		}
+		run, err := wf.Start(ctxT(t), e.client(), 10+i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := run.Result(ctxT(t)); err != nil || got != 2*(10+i) {
+			t.Fatalf("run %d (after restart: %v): result %v, %v", i, restart, got, err)
+		}
 	}
 }
