@@ -4,7 +4,7 @@ import (
 	"context"
 	"time"
 
-	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/kagzi/kagzi/libs/bus"
 	"github.com/kagzi/kagzi/libs/store"
@@ -12,14 +12,15 @@ import (
 )
 
 // nameLock holds a named worker's advisory lock (store.WorkerNameTryLock) on a connection
-// of its own for the life of the worker, and takes it again, with backoff, when that
-// connection drops. The first time it holds the lock it hands back the runs earlier
+// taken from the worker's pool for the life of the worker, and takes it again, with
+// backoff, when that connection drops. From the pool, so that an executor never holds more
+// sessions than its configured pool size (T20 counts them against it). The first time it holds the lock it hands back the runs earlier
 // incarnations of the name held: a killed process's session, and its lock, end with it,
 // so while the lock is ours none of them is alive, and their runs need not wait for
 // their leases to lapse.
 type nameLock struct {
 	w      *Worker
-	conn   *pgx.Conn // nil while disconnected; owned by run once it started
+	conn   *pgxpool.Conn // nil while disconnected; owned by run once it started
 	held   bool      // conn holds the lock
 	warned bool      // the lock was found taken, and said so; not said again until held
 	// recovered: the predecessors' runs were handed back (once per worker).
@@ -109,7 +110,7 @@ const (
 func (n *nameLock) attempt(ctx context.Context) lockState {
 	w := n.w
 	if n.conn == nil {
-		conn, err := pgx.ConnectConfig(ctx, w.cfg.Pool.Config().ConnConfig)
+		conn, err := w.cfg.Pool.Acquire(ctx)
 		if err != nil {
 			if ctx.Err() == nil {
 				w.log.Warn("worker name lock: connect", "name", w.cfg.Name, "error", err)
@@ -159,9 +160,12 @@ func (n *nameLock) disconnect() {
 	if n.conn == nil {
 		return
 	}
+	// Closed before it goes back, so the pool drops it rather than hand a session that
+	// holds the lock to other work.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	_ = n.conn.Close(ctx)
+	_ = n.conn.Conn().Close(ctx)
+	n.conn.Release()
 	n.conn, n.held = nil, false
 }
 

@@ -299,7 +299,12 @@ func (w *Worker) Start(ctx context.Context) error {
 	if err := w.store.WorkerHeartbeat(ctx, w.announcement()); err != nil {
 		return fmt.Errorf("start worker: %w", err)
 	}
-	if w.cfg.Name != "" {
+	switch {
+	case w.cfg.Name != "" && w.cfg.Pool.Config().MaxConns < 2:
+		// The lock keeps one session of the pool for itself: with one, no work would run.
+		w.log.Warn("worker name not locked: the pool has fewer than 2 sessions; runs of a dead predecessor wait for their leases",
+			"name", w.cfg.Name)
+	case w.cfg.Name != "":
 		// Before the first fetch: the runs a dead predecessor held are queued again
 		// before this worker asks for work.
 		w.name = w.startNameLock(ctx)
