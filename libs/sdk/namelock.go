@@ -21,8 +21,8 @@ import (
 type nameLock struct {
 	w      *Worker
 	conn   *pgxpool.Conn // nil while disconnected; owned by run once it started
-	held   bool      // conn holds the lock
-	warned bool      // the lock was found taken, and said so; not said again until held
+	held   bool          // conn holds the lock
+	warned bool          // the lock was found taken, and said so; not said again until held
 	// recovered: the predecessors' runs were handed back (once per worker).
 	recovered bool
 	cancel    context.CancelFunc
