@@ -85,10 +85,10 @@ const workerNameLockClass = 0x4b5a4e4d // "KZNM"
 const workerNameTryLockSQL = `SELECT pg_try_advisory_lock($1::int4, hashtext($2 || '/' || $3))`
 
 // WorkerNameTryLock takes the session-level advisory lock on a worker's stable name in a
-// namespace, without waiting; false: another session holds it. Run it on a dedicated
-// connection held for the life of the worker (a *pgx.Conn, not a pool): the lock lasts
-// as long as that session, and a killed process's session ends with it, so holding the
-// lock proves that no earlier incarnation of the name is alive.
+// namespace, without waiting; false: another session holds it. Run it on one connection
+// held for the life of the worker (a *pgx.Conn or an acquired *pgxpool.Conn, never the
+// pool itself): the lock lasts as long as that session, and a killed process's session
+// ends with it, so holding the lock proves that no earlier incarnation is alive.
 func (s *Store) WorkerNameTryLock(ctx context.Context, namespace, name string) (bool, error) {
 	var ok bool
 	if err := s.db.QueryRow(ctx, workerNameTryLockSQL, workerNameLockClass, namespace, name).Scan(&ok); err != nil {
