@@ -209,11 +209,11 @@ func TestT14PoisonWorkflows(t *testing.T) {
 	// Every os.Exit still stops every run its executor holds until the executor is back
 	// under its name and hands them back (well under a lease), and the executors that
 	// make room for a run that must run alone work at a fraction of their width
-	// meanwhile. What sets the tail now is runs whose doorbell went missing among the
-	// exits and isolations: they wait for the reconciler's relay, 10 × KAGZI_STALE_AFTER
-	// while the queue is backlogged. At this density of exits (about one every 0.2 s) the
-	// good runs' tail is many times the poison-free one. The
-	// gate holds the engine to what it controls (nothing lost, no innocent run
+	// meanwhile. Doorbells handed back while an executor makes room no longer run out of
+	// deliveries (MaxDeliver is unlimited). What sets the tail is the density of exits:
+	// every os.Exit run exits on all five attempts, about one exit every 0.2 s, the first
+	// two taking down the runs beside them and the last three each draining a whole
+	// executor first. The gate holds the engine to what it controls (nothing lost, no innocent run
 	// dead-lettered, poison runs failed on their fifth attempt); the chaos tier holds it
 	// to BATTERY.md's p99 criterion as well, and reports it failed until it is met.
 	if p99 > 2*baseP99 {
