@@ -58,8 +58,8 @@ type WorkerConfig struct {
 	// Name is the worker's stable name: the same across restarts of one executor (a
 	// StatefulSet pod name, a systemd unit), and never shared by two executors alive at
 	// once in a namespace. Optional; 1–255 bytes of [A-Za-z0-9_-]. A named worker holds a
-	// PostgreSQL advisory lock on its name for as long as it runs, on a connection of its
-	// own; holding it proves that every earlier incarnation is dead, so at start it hands
+	// PostgreSQL advisory lock on its name for as long as it runs, on one session of its
+	// pool (so the pool needs at least 2); holding it proves that every earlier incarnation is dead, so at start it hands
 	// back at once the runs they still held, as their leases would a lease later
 	// (attempt and lapse counted). If another session holds the name, the worker warns,
 	// runs without it and takes it over when it is freed.
