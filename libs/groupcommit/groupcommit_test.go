@@ -38,17 +38,21 @@ func TestBatchesConcurrentCallers(t *testing.T) {
 		}
 	}()
 	<-first
+	var entered atomic.Int32
 	for i := range 100 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			entered.Add(1)
 			if v, ok := b.Do(i); !ok || v != 2*i {
 				wrong.Add(1)
 			}
 		}()
 	}
-	for len(release) == 0 && flushes.Load() == 0 {
+	for flushes.Load() == 0 || entered.Load() < 100 {
+		time.Sleep(time.Millisecond)
 	}
+	time.Sleep(10 * time.Millisecond) // from Do's entry to the queue
 	close(release)
 	wg.Wait()
 	if wrong.Load() != 0 {
@@ -83,4 +87,50 @@ func TestFlushTimeout(t *testing.T) {
 	if err, ok := b.Do(1); !ok || err != nil {
 		t.Fatalf("next flush: %v, %v", err, ok)
 	}
+}
+
+// Close answers ok == false to a request still queued at once, lets the flush in flight
+// end, and returns only then, its caller getting the flush's own result.
+func TestCloseLetsTheFlushInFlightEnd(t *testing.T) {
+	started, release := make(chan struct{}), make(chan struct{})
+	b := groupcommit.New(1, 8, func(_ context.Context, reqs []int) []int {
+		if reqs[0] == 1 {
+			close(started)
+			<-release
+		}
+		return reqs
+	})
+	type answer struct{ v, ok int }
+	inFlight, queued := make(chan answer, 1), make(chan answer, 1)
+	do := func(req int, to chan answer) {
+		v, ok := b.Do(req)
+		a := answer{v: v}
+		if ok {
+			a.ok = 1
+		}
+		to <- a
+	}
+	go do(1, inFlight)
+	<-started
+	go do(2, queued)
+	closed := make(chan struct{})
+	go func() {
+		// Close only once the second request is queued behind the flush.
+		time.Sleep(20 * time.Millisecond)
+		b.Close()
+		close(closed)
+	}()
+	if a := <-queued; a.ok != 0 {
+		t.Fatalf("queued request answered %+v after Close, want ok == false", a)
+	}
+	select {
+	case <-closed:
+		t.Fatal("Close returned while a flush was in flight")
+	case <-time.After(20 * time.Millisecond):
+	}
+	close(release)
+	if a := <-inFlight; a != (answer{1, 1}) {
+		t.Fatalf("request in flight answered %+v, want its own result", a)
+	}
+	<-closed
 }
