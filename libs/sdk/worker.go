@@ -59,9 +59,9 @@ type WorkerConfig struct {
 	// StatefulSet pod name, a systemd unit), and never shared by two executors alive at
 	// once in a namespace. Optional; 1–255 bytes of [A-Za-z0-9_-]. A named worker holds a
 	// PostgreSQL advisory lock on its name for as long as it runs, on one session of its
-	// pool (so the pool needs at least 2); holding it proves that every earlier incarnation is dead, so at start it hands
-	// back at once the runs they still held, as their leases would a lease later
-	// (attempt and lapse counted). If another session holds the name, the worker warns,
+	// pool (so the pool needs at least 2); holding it proves that every earlier
+	// incarnation is dead, so at start it hands back at once the runs they still held, as
+	// their leases would a lease later (attempt and lapse counted). If another session holds the name, the worker warns,
 	// runs without it and takes it over when it is freed.
 	Name string
 	// Clock is read for the worker's lease deadlines and sleep timing, which it measures
@@ -77,7 +77,9 @@ type WorkerConfig struct {
 	// new one until it is done, so that a run which kills its executor (os.Exit, a fatal
 	// error in a step) takes no other run down with it, and no innocent run spends its
 	// attempts on another's crashes. One lapse is not enough to isolate a run: every run
-	// an executor held when it was killed has one. Default 2; negative: never.
+	// an executor held when it was killed has one. Nor is a run counted again whose
+	// attempt recorded a step before it lapsed: it got on, and only stood beside what
+	// killed its executor. Default 2; negative: never.
 	IsolateAfterLapses int
 }
 
@@ -614,6 +616,10 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 // held already goes on here; leaseFrom is a reading of the worker's clock that, plus the
 // lease, is no later than the lease the database holds for it.
 func (w *Worker) recheckClaim(req store.ClaimRequest, cause error) (run store.ClaimedRun, ok bool, leaseFrom time.Time, err error) {
+	if store.Rejected(cause) {
+		// Refused (a deadlock, a timeout): the claim rolled back.
+		return run, false, w.cfg.Clock.Now(), fmt.Errorf("claim did not take: %w", cause)
+	}
 	deadline := w.cfg.Clock.Now().Add(w.cfg.Lease / 2)
 	b := newBackoff(20*time.Millisecond, time.Second)
 	for {

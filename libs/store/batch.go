@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -51,6 +53,17 @@ type dispatchKey struct {
 	seq int64
 }
 
+// sortByRunID puts a claim batch in run-id order. Two executors may claim overlapping
+// batches (twin doorbells, a relay beside the original) and deadlock if they lock rows in
+// different orders; a plan driven by the arrays locks in their order. The claim cannot
+// lock explicitly as the statements on held runs do (lockRunsInOrder): a sorted FOR NO
+// KEY UPDATE ahead of it sent its plan astray on a table without statistics (4 ms to
+// 450 ms for 64 runs), and a deadlock left between claims (a plan driven from the heap)
+// is only a refused claim, tried again.
+func sortByRunID(idx []int, runID func(i int) wire.RunID) {
+	slices.SortStableFunc(idx, func(a, b int) int { return strings.Compare(runID(a), runID(b)) })
+}
+
 // RunsClaim claims many dispatches at once for one executor. Results are in request
 // order. A run's current dispatch is claimed whatever else the batch holds for the same
 // run (a stale doorbell beside it claims nothing); a repeat of the same dispatch in the
@@ -61,12 +74,18 @@ func (s *Store) RunsClaim(ctx context.Context, namespace, owner string, lease ti
 	seqs := make([]int64, 0, len(reqs))
 	wfs := make([]string, 0, len(reqs))
 	first := make(map[dispatchKey]int, len(reqs))
+	order := make([]int, 0, len(reqs))
 	for i, r := range reqs {
 		k := dispatchKey{r.RunID, r.DispatchSeq}
 		if _, dup := first[k]; dup {
 			continue
 		}
 		first[k] = i
+		order = append(order, i)
+	}
+	sortByRunID(order, func(i int) wire.RunID { return reqs[i].RunID })
+	for _, i := range order {
+		r := reqs[i]
 		ids, seqs, wfs = append(ids, r.RunID), append(seqs, r.DispatchSeq), append(wfs, r.Workflow)
 	}
 	fail := func(err error) []ClaimResult {
@@ -179,7 +198,7 @@ INSERT INTO step_runs (run_id, step_key, seq, kind, status, output, error, attem
 SELECT s.run_id, s.step_key, s.seq, s.kind, s.status, s.output, nullif(s.error, ''), s.attempt
 FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::int[], $5::text[], $6::text[], $7::bytea[], $8::text[], $9::int[])
      AS s(run_id, fence, step_key, seq, kind, status, output, error, attempt)
-JOIN (SELECT id, fence FROM workflow_runs WHERE id = ANY ($1::uuid[]) AND status = 'RUNNING' FOR SHARE) r
+JOIN (SELECT id, fence FROM workflow_runs WHERE id = ANY ($1::uuid[]) AND status = 'RUNNING' ORDER BY id FOR SHARE) r
   ON r.id = s.run_id AND r.fence = s.fence
 ON CONFLICT (run_id, step_key) DO NOTHING
 RETURNING run_id::text, step_key`
@@ -277,9 +296,20 @@ type CompleteRequest struct {
 const runsCompleteSQL = `
 UPDATE workflow_runs r SET status = 'COMPLETED', output = c.output, error = NULL,
     lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
-FROM unnest($1::uuid[], $2::bigint[], $3::bytea[]) AS c(id, fence, output)
-WHERE r.id = ANY ($1::uuid[]) AND r.id = c.id AND r.fence = c.fence AND r.status = 'RUNNING'
+FROM unnest($1::uuid[], $2::bigint[], $3::bytea[]) AS c(id, fence, output),
+    (` + lockRunsInOrder + `) l
+WHERE r.id = ANY ($1::uuid[]) AND r.id = l.id AND r.id = c.id AND r.fence = c.fence AND r.status = 'RUNNING'
 RETURNING r.id::text`
+
+// lockRunsInOrder locks, in id order, the RUNNING runs an UPDATE of held runs is about to
+// change, whatever order its plan would visit them in; $1 of the statement is its array
+// of run ids. The rows are this transaction's before the UPDATE reaches them, so the
+// UPDATE's own order no longer matters. One executor's batches overlap (the lease
+// extension names every run it holds, step and completion batches some of them), and
+// rows locked in different orders deadlock: each deadlock costs a second
+// (deadlock_timeout) and a retry, and under T19's load enough of them cost leases and
+// re-ran step bodies. The step insert's FOR SHARE is sorted the same way.
+const lockRunsInOrder = `SELECT id FROM workflow_runs WHERE id = ANY ($1::uuid[]) AND status = 'RUNNING' ORDER BY id FOR NO KEY UPDATE`
 
 // Primary-key lookups: which of these runs are COMPLETED under exactly this fence.
 const runsCompletedByFenceSQL = `

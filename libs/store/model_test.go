@@ -561,7 +561,7 @@ func (m *model) doSleep(t *rapid.T, run int, fence int64, pos int, h int, until,
 		}
 		m.count("re-sleep")
 	case pos == len(r.steps):
-		r.steps = append(r.steps, mStep{key: stepKey(pos), kind: wire.StepKindSleep, attempt: 1, wakeAt: wakeAt, wakeH: h})
+		r.steps = append(r.steps, mStep{key: stepKey(pos), kind: wire.StepKindSleep, attempt: r.attempt, wakeAt: wakeAt, wakeH: h})
 		m.count("sleep")
 	default:
 		t.Fatalf("model: sleep %d recorded after %d steps of %s", pos, len(r.steps), m.runDesc(run))

@@ -258,10 +258,10 @@ WITH r AS (
         wake_at = coalesce($5::timestamptz, now() + $6::bigint * interval '1 microsecond'),
         lapses = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
     WHERE id = $1 AND fence = $2 AND status = 'RUNNING'
-    RETURNING id, wake_at
+    RETURNING id, wake_at, attempt
 ), s AS (
-    INSERT INTO step_runs (run_id, step_key, seq, kind, status, wake_at)
-    SELECT id, $3, $4, 'sleep', 'COMPLETED', wake_at FROM r
+    INSERT INTO step_runs (run_id, step_key, seq, kind, status, wake_at, attempt)
+    SELECT id, $3, $4, 'sleep', 'COMPLETED', wake_at, attempt FROM r
     ON CONFLICT (run_id, step_key) DO NOTHING
 )
 SELECT wake_at FROM r`
@@ -311,9 +311,10 @@ type Held struct {
 
 // Primary-key lookups for each held run, one statement for all of them.
 const runsExtendLeasesSQL = `
-UPDATE workflow_runs r SET lease_expires_at = now() + $2::bigint * interval '1 microsecond'
-FROM unnest($3::uuid[], $4::bigint[]) AS h(id, fence)
-WHERE r.id = ANY ($3::uuid[]) AND r.id = h.id AND r.fence = h.fence AND r.status = 'RUNNING' AND r.lease_owner = $1
+UPDATE workflow_runs r SET lease_expires_at = now() + $4::bigint * interval '1 microsecond'
+FROM unnest($1::uuid[], $2::bigint[]) AS h(id, fence),
+    (` + lockRunsInOrder + `) l
+WHERE r.id = ANY ($1::uuid[]) AND r.id = l.id AND r.id = h.id AND r.fence = h.fence AND r.status = 'RUNNING' AND r.lease_owner = $3
 RETURNING r.id::text`
 
 // RunsExtendLeases renews the leases of every run an executor holds in one statement and
@@ -324,7 +325,7 @@ func (s *Store) RunsExtendLeases(ctx context.Context, owner string, lease time.D
 	for i, h := range held {
 		ids[i], fences[i] = h.RunID, h.Fence
 	}
-	rows, err := s.db.Query(ctx, runsExtendLeasesSQL, owner, micros(lease), ids, fences)
+	rows, err := s.db.Query(ctx, runsExtendLeasesSQL, ids, fences, owner, micros(lease))
 	if err != nil {
 		return nil, fmt.Errorf("extend leases of %d runs: %w", len(held), err)
 	}
@@ -379,6 +380,15 @@ type LeaseExpiry struct {
 // costs an attempt, so a run that kills its executor every time (os.Exit in a step) ends
 // FAILED instead of looping; it also counts a lapse, so that executors run a repeat
 // offender alone. RunsExpireLeases and RunsExpirePredecessorLeases differ only in due.
+//
+// A lapse after an attempt that recorded a step starts the count again at 1: what kills
+// its executor every time dies at the same point every time, before recording anything
+// new, while a run that only stood beside it when the executor died gets on between two
+// such deaths. Counted plainly, every run beside a culprit twice would be run alone, and
+// each run alone stops a whole executor's intake while it drains. (It does not spare a
+// run that dies beside the culprit again before recording anything, as the runs of one
+// death handed back together do: see T14.) The probe reads the run's steps by the
+// primary key prefix, on this path only: lapses are rare.
 const leaseEndSQL = `
 UPDATE workflow_runs r SET
     status = CASE WHEN r.attempt < r.max_attempts THEN 'QUEUED' ELSE 'FAILED' END,
@@ -387,7 +397,8 @@ UPDATE workflow_runs r SET
     error = CASE WHEN r.attempt < r.max_attempts THEN r.error
         ELSE 'lease expired on attempt ' || r.attempt || ' of ' || r.max_attempts || ': the executor stopped renewing it (crashed, killed or partitioned)' END,
     finished_at = CASE WHEN r.attempt < r.max_attempts THEN NULL ELSE now() END,
-    lapses = r.lapses + 1,
+    lapses = CASE WHEN EXISTS (SELECT 1 FROM step_runs s WHERE s.run_id = r.id AND s.attempt = r.attempt)
+        THEN 1 ELSE r.lapses + 1 END,
     queued_at = now(), lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM due WHERE r.id = due.id
 RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq, r.lapses, r.status`
@@ -470,9 +481,11 @@ type RedispatchParams struct {
 	// run of a long queue each StaleAfter would bury the queue under no-op doorbells.
 	Backlogged           []string
 	BackloggedStaleAfter time.Duration
-	// LostBefore, when set, makes every run QUEUED before it due at once, stale or not:
-	// the task stream was made anew at that time, and every doorbell published before
-	// it went with the old one.
+	// LostBefore, when set, makes due every run QUEUED before it, stale or not, and only
+	// those: the task stream was made anew at that time, and every doorbell published
+	// before it went with the old one. The stale rule is left to the sweep, which knows
+	// the backlog; a relay of a lost stream that also relayed every stale run would, on
+	// each restart of a timer, bury a backlogged queue under doorbells it already holds.
 	LostBefore time.Time
 }
 
@@ -483,10 +496,10 @@ const runsRedispatchStaleSQL = `
 WITH due AS (
     SELECT r.id FROM workflow_runs r
     WHERE r.status = 'QUEUED'
-      AND (r.queued_at < $7::timestamptz
-           OR (r.queued_at <= coalesce($1::timestamptz, now()) - $3::bigint * interval '1 microsecond'
+      AND CASE WHEN $7::timestamptz IS NOT NULL THEN r.queued_at < $7::timestamptz
+          ELSE r.queued_at <= coalesce($1::timestamptz, now()) - $3::bigint * interval '1 microsecond'
                AND (r.namespace || '/' || r.workflow <> ALL ($5::text[])
-                    OR r.queued_at <= coalesce($1::timestamptz, now()) - $6::bigint * interval '1 microsecond')))
+                    OR r.queued_at <= coalesce($1::timestamptz, now()) - $6::bigint * interval '1 microsecond') END
       AND EXISTS (SELECT 1 FROM workers w
                   WHERE w.namespace = r.namespace AND r.workflow = ANY (w.workflows)
                     AND w.heartbeat_at > coalesce($1::timestamptz, now()) - $4::bigint * interval '1 microsecond')

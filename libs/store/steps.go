@@ -89,11 +89,13 @@ func (s *Store) StepInsert(ctx context.Context, p StepInsertParams) error {
 var ErrStepExists = errors.New("step already recorded")
 
 // A sleep the executor waits out in process: the step row records the wake time (from the
-// database clock) under the fence, and the run stays RUNNING, held by its lease.
+// database clock) under the fence, and the run stays RUNNING, held by its lease. Like
+// every step row it names the attempt that recorded it: a lapse later in the attempt
+// counts it as progress (leaseEndSQL).
 const stepSleepInsertSQL = `
-INSERT INTO step_runs (run_id, step_key, seq, kind, status, wake_at)
-SELECT r.id, $3, $4, 'sleep', 'COMPLETED', coalesce($5::timestamptz, now() + $6::bigint * interval '1 microsecond')
-FROM (SELECT id FROM workflow_runs WHERE id = $1 AND fence = $2 AND status = 'RUNNING' FOR SHARE) r
+INSERT INTO step_runs (run_id, step_key, seq, kind, status, wake_at, attempt)
+SELECT r.id, $3, $4, 'sleep', 'COMPLETED', coalesce($5::timestamptz, now() + $6::bigint * interval '1 microsecond'), r.attempt
+FROM (SELECT id, attempt FROM workflow_runs WHERE id = $1 AND fence = $2 AND status = 'RUNNING' FOR SHARE) r
 ON CONFLICT (run_id, step_key) DO NOTHING
 RETURNING wake_at, now()`
 

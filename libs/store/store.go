@@ -85,6 +85,21 @@ func isUniqueViolation(err error) bool {
 	return errors.As(err, &pgErr) && pgErr.Code == pgUniqueViolation
 }
 
+// Rejected says whether the database refused a statement with an ERROR: its transaction
+// rolled back, so nothing of it committed and no re-check is needed. A lost connection or
+// a FATAL (the backend terminated, perhaps after the commit) leaves the outcome unknown.
+func Rejected(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return false
+	}
+	severity := pgErr.SeverityUnlocalized // Severity follows lc_messages
+	if severity == "" {
+		severity = pgErr.Severity
+	}
+	return severity == "ERROR"
+}
+
 // nowArg passes an injected clock to a query, or NULL for the database clock.
 func nowArg(now *time.Time) any {
 	if now == nil {

@@ -15,10 +15,10 @@ import (
 	"github.com/kagzi/kagzi/libs/wire"
 )
 
-func newStore(t *testing.T) (*store.Store, *pgxpool.Pool) {
+func newStore(t *testing.T, opts ...store.ConnectOption) (*store.Store, *pgxpool.Pool) {
 	t.Helper()
 	url := testkit.NewDatabase(t)
-	pool, err := store.Connect(context.Background(), url, 8)
+	pool, err := store.Connect(context.Background(), url, 8, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,12 +217,17 @@ func TestApplicationName(t *testing.T) {
 }
 
 // Lapses count the attempts in a row that ended with the lease lapsing; an attempt that
-// ends any other way (a park, a failure with a retry) starts the count again.
+// ends any other way (a park, a failure with a retry) starts the count again, and one
+// that lapsed after recording a step starts it again at 1.
 func TestLapsesInARow(t *testing.T) {
 	t.Parallel()
-	s, _ := newStore(t)
+	s, pool := newStore(t)
 	ctx := context.Background()
 	d := insertRun(t, s, "lapses").Dispatch
+	// Enough attempts for every lapse below.
+	if _, err := pool.Exec(ctx, `UPDATE workflow_runs SET max_attempts = 20 WHERE id = $1`, d.RunID); err != nil {
+		t.Fatal(err)
+	}
 	far := time.Now().Add(24 * time.Hour)
 	expire := func() store.Dispatch {
 		t.Helper()
@@ -259,7 +264,26 @@ func TestLapsesInARow(t *testing.T) {
 	}
 	run, _ = claim(t, s, wakeUp(), "f")
 	got = append(got, run.Lapses)
-	if want := []int{0, 1, 2, 0, 1, 0}; fmt.Sprint(got) != fmt.Sprint(want) {
+	run, _ = claim(t, s, expire(), "g")
+	got = append(got, run.Lapses)
+	// This attempt gets on (records a step) before its executor dies: a run that only
+	// stood beside a culprit, not one.
+	if err := s.StepInsert(ctx, store.StepInsertParams{FencedParams: store.FencedParams{RunID: run.ID, Fence: run.Fence},
+		Key: "progress", Seq: 1, Kind: wire.StepKindStep, Output: []byte(`1`), Attempt: run.Attempt}); err != nil {
+		t.Fatal(err)
+	}
+	run, _ = claim(t, s, expire(), "h")
+	got = append(got, run.Lapses)
+	run, _ = claim(t, s, expire(), "i")
+	got = append(got, run.Lapses)
+	// A sleep waited out in process is progress too: its row names this attempt.
+	if _, _, err := s.StepSleepInsert(ctx, store.RunSleepParams{FencedParams: store.FencedParams{RunID: run.ID, Fence: run.Fence},
+		StepKey: "local-nap", Seq: 2, Duration: time.Millisecond}); err != nil {
+		t.Fatal(err)
+	}
+	run, _ = claim(t, s, expire(), "j")
+	got = append(got, run.Lapses)
+	if want := []int{0, 1, 2, 0, 1, 0, 1, 1, 2, 1}; fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("lapses at each claim = %v, want %v", got, want)
 	}
 }
@@ -300,7 +324,8 @@ func TestRedispatchWaitsOutABacklog(t *testing.T) {
 }
 
 // A run QUEUED before the task stream was made anew lost its doorbell with the old
-// stream: LostBefore relays it at once, stale or not, backlogged or not, and only it.
+// stream: LostBefore relays it at once, stale or not, and only it. A run queued after
+// the loss is left to the sweep's stale rule, even where that rule would take it.
 func TestRedispatchRelaysWhatALostStreamHeld(t *testing.T) {
 	t.Parallel()
 	s, pool := newStore(t)
@@ -314,11 +339,11 @@ func TestRedispatchRelaysWhatALostStreamHeld(t *testing.T) {
 		t.Fatal(err)
 	}
 	insertRun(t, s, "queued-after-the-loss")
+	stale := time.Hour
 	relay := func(lostBefore time.Time) []store.Dispatch {
 		t.Helper()
 		got, err := s.RunsRedispatchStale(ctx, store.RedispatchParams{SweepParams: store.SweepParams{Limit: 10},
-			StaleAfter: time.Hour, LiveWithin: time.Hour, Backlogged: []string{"default/wf"}, BackloggedStaleAfter: 10 * time.Hour,
-			LostBefore: lostBefore})
+			StaleAfter: stale, LiveWithin: time.Hour, LostBefore: lostBefore})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -327,6 +352,9 @@ func TestRedispatchRelaysWhatALostStreamHeld(t *testing.T) {
 	if got := relay(time.Time{}); len(got) != 0 {
 		t.Fatalf("relayed %d fresh runs with no loss, want 0", len(got))
 	}
+	// Both runs are now stale and their workflow is not backlogged: the stale rule alone
+	// would relay both.
+	stale = time.Microsecond
 	got := relay(lostAt)
 	if len(got) != 1 || got[0].RunID != before.RunID || got[0].DispatchSeq != before.DispatchSeq || got[0].Resend != 1 {
 		t.Fatalf("relayed %+v, want only run %s, same dispatch, first relay", got, before.RunID)
@@ -334,5 +362,46 @@ func TestRedispatchRelaysWhatALostStreamHeld(t *testing.T) {
 	// Its queued_at restarted: a second look at the same loss relays nothing.
 	if got := relay(lostAt); len(got) != 0 {
 		t.Fatalf("relayed %d runs on a second look at the same loss, want 0", len(got))
+	}
+}
+
+// A refusal (an ERROR) rolled its transaction back: the caller need not ask whether it
+// committed. A connection lost mid-statement, or a backend terminated (a FATAL), leaves
+// that unknown.
+func TestRejected(t *testing.T) {
+	t.Parallel()
+	_, pool := newStore(t)
+	ctx := context.Background()
+	_, err := pool.Exec(ctx, `SELECT 1 / (SELECT count(*) FROM workflow_runs)`)
+	if err == nil || !store.Rejected(err) {
+		t.Fatalf("division by zero: err = %v, Rejected = false", err)
+	}
+	if store.Rejected(fmt.Errorf("claim 3 runs: %w", err)) != true {
+		t.Fatal("a wrapped refusal is not Rejected")
+	}
+
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Release()
+	var pid int
+	if err := conn.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := conn.Exec(ctx, `SELECT pg_sleep(30)`)
+		done <- err
+	}()
+	time.Sleep(100 * time.Millisecond)
+	if _, err := pool.Exec(ctx, `SELECT pg_terminate_backend($1)`, pid); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err == nil || store.Rejected(err) {
+		t.Fatalf("terminated backend: err = %v, Rejected = true", err)
+	}
+	if store.Rejected(context.DeadlineExceeded) || store.Rejected(nil) {
+		t.Fatal("a timeout or no error is Rejected")
 	}
 }
