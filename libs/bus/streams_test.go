@@ -11,12 +11,9 @@ import (
 	"github.com/kagzi/kagzi/libs/wire"
 )
 
-// A task stream left file-backed by an earlier release cannot be changed in place:
-// EnsureStreams replaces it with a memory-backed one (a new Created time, which the
-// timer takes for a lost stream and relays from PostgreSQL), and leaves the submit
-// stream, whose messages are promises, on file storage.
-func TestEnsureStreamsMovesTheTaskStreamToMemory(t *testing.T) {
-	t.Parallel()
+// newBus is a Bus on a nats-server of the test's own.
+func newBus(t *testing.T) *bus.Bus {
+	t.Helper()
 	srv := testkit.StartNATS(t)
 	nc, err := bus.Connect(bus.ConnOptions{URL: srv.URL(), Name: t.Name()})
 	if err != nil {
@@ -27,6 +24,16 @@ func TestEnsureStreamsMovesTheTaskStreamToMemory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return b
+}
+
+// A task stream left file-backed by an earlier release cannot be changed in place:
+// EnsureStreams replaces it with a memory-backed one (a new Created time, which the
+// timer takes for a lost stream and relays from PostgreSQL), and leaves the submit
+// stream, whose messages are promises, on file storage.
+func TestEnsureStreamsMovesTheTaskStreamToMemory(t *testing.T) {
+	t.Parallel()
+	b := newBus(t)
 	ctx := context.Background()
 	old, err := b.JetStream().CreateStream(ctx, jetstream.StreamConfig{Name: wire.TaskStream,
 		Subjects: []string{wire.TaskSubjectPrefix + ">"}, Retention: jetstream.WorkQueuePolicy, Storage: jetstream.FileStorage})
@@ -51,5 +58,47 @@ func TestEnsureStreamsMovesTheTaskStreamToMemory(t *testing.T) {
 	}
 	if s := sub.CachedInfo().Config.Storage; s != jetstream.FileStorage {
 		t.Fatalf("submit stream storage %v, want file", s)
+	}
+}
+
+// A submitted start is readable at its publish sequence until a scheduler acks it, and
+// not after.
+func TestSubmittedStart(t *testing.T) {
+	t.Parallel()
+	b := newBus(t)
+	ctx := context.Background()
+	if err := b.EnsureStreams(ctx); err != nil {
+		t.Fatal(err)
+	}
+	subject := wire.SubmitSubject("default", "wf")
+	ack, err := b.JetStream().Publish(ctx, subject, []byte(`{"request_id":"r1"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, body, ok, err := b.SubmittedStart(ctx, ack.Sequence)
+	if err != nil || !ok || got != subject || string(body) != `{"request_id":"r1"}` {
+		t.Fatalf("submitted start at %d: %q %q ok=%v err=%v", ack.Sequence, got, body, ok, err)
+	}
+	cons, err := b.EnsureSubmitConsumer(ctx, bus.DefaultConsumerConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := cons.Fetch(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for m := range msgs.Messages() {
+		if _, _, ok, err := b.SubmittedStart(ctx, ack.Sequence); err != nil || !ok {
+			t.Fatalf("fetched, not acked: ok=%v err=%v", ok, err)
+		}
+		if err := m.DoubleAck(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, ok, err := b.SubmittedStart(ctx, ack.Sequence); err != nil || ok {
+		t.Fatalf("acked: ok=%v err=%v, want gone", ok, err)
+	}
+	if _, _, ok, err := b.SubmittedStart(ctx, ack.Sequence+10); err != nil || ok {
+		t.Fatalf("never published: ok=%v err=%v, want gone", ok, err)
 	}
 }

@@ -26,6 +26,7 @@ type Client struct {
 	timeout   time.Duration
 	limits    wire.Limits
 	pl        payloads
+	submits   submits
 }
 
 // ClientOption configures a Client.
@@ -169,8 +170,10 @@ func (c *Client) startRequest(ctx context.Context, workflow string, input any, o
 // Submit starts a run without waiting for a scheduler: the start is published to the
 // submit stream, which holds it until a scheduler has committed it (so it works while no
 // scheduler is up), and Submit returns once JetStream has stored it. The returned id is
-// the id the new run gets. With an idempotency key that an earlier start already used,
-// no run is made and that id names nothing: use Start to learn the existing run's id.
+// the id the new run gets, and this client's Wait and Result wait for it even before a
+// scheduler has committed it. With an idempotency key that an earlier start already used,
+// no run is made and that id names nothing (Wait then ends with ErrRunNotFound once a
+// scheduler has taken the start): use Start to learn the existing run's id.
 func (d *WorkflowDef[I, O]) Submit(ctx context.Context, c *Client, in I, opts ...StartOption) (*Run[O], error) {
 	id, err := c.SubmitByName(ctx, d.name, in, opts...)
 	if err != nil {
@@ -195,27 +198,47 @@ func (c *Client) SubmitByName(ctx context.Context, workflow string, input any, o
 	}
 	// The request id doubles as the JetStream de-duplication id, so a retried publish
 	// is stored once.
-	if _, err := js.Publish(ctx, wire.SubmitSubject(req.Namespace, workflow), body, jetstream.WithMsgID(req.RequestID)); err != nil {
+	ack, err := js.Publish(ctx, wire.SubmitSubject(req.Namespace, workflow), body, jetstream.WithMsgID(req.RequestID))
+	if err != nil {
 		return "", fmt.Errorf("submit %s: %w: %v", workflow, wire.ErrUnavailable, err)
+	}
+	if !ack.Duplicate {
+		c.submits.add(req.RequestID, ack.Sequence)
 	}
 	return req.RequestID, nil
 }
 
-// Describe reads a run and its steps. ErrRunNotFound when the namespace has no such run.
+// Describe reads a run and its steps. ErrRunNotFound when the namespace has no such run,
+// or none yet: a run this client submitted whose start no scheduler has committed is
+// not found either, and says so (Wait waits for it).
 func (c *Client) Describe(ctx context.Context, runID string) (*RunInfo, error) {
-	if err := wire.ValidateName("namespace", c.namespace); err != nil {
-		return nil, fmt.Errorf("describe run %s: %w", runID, err)
+	info, pending, err := c.describe(ctx, runID)
+	if pending {
+		return nil, wire.Errorf(wire.ErrRunNotFound, "run %s is submitted and not committed yet", runID)
 	}
-	body, _ := json.Marshal(wire.DescribeRequest{Namespace: c.namespace, RunID: runID})
+	return info, err
+}
+
+// describe is Describe; pending (with a nil info and error) when the run is this
+// client's submit that waits in the submit stream.
+func (c *Client) describe(ctx context.Context, runID string) (info *RunInfo, pending bool, err error) {
+	if err := wire.ValidateName("namespace", c.namespace); err != nil {
+		return nil, false, fmt.Errorf("describe run %s: %w", runID, err)
+	}
+	body, _ := json.Marshal(wire.DescribeRequest{Namespace: c.namespace, RunID: runID, SubmitSeq: c.submits.get(runID)})
 	var reply wire.DescribeReply
 	if err := c.request(ctx, wire.DescribeSubject(c.namespace), body, &reply); err != nil {
-		return nil, fmt.Errorf("describe run %s: %w", runID, err)
+		return nil, false, fmt.Errorf("describe run %s: %w", runID, err)
 	}
+	if reply.Pending {
+		return nil, true, nil
+	}
+	c.submits.forget(runID) // committed, or never will be
 	if reply.Error != nil {
-		return nil, fmt.Errorf("describe run %s: %w", runID, reply.Error)
+		return nil, false, fmt.Errorf("describe run %s: %w", runID, reply.Error)
 	}
 	c.openRun(reply.Run)
-	return reply.Run, nil
+	return reply.Run, false, nil
 }
 
 // openRun decodes a run's sealed payloads in place. A payload that fails to decode is
@@ -255,7 +278,9 @@ func (c *Client) openPayload(b []byte, ad []byte) []byte {
 
 // Wait blocks until the run is finished and returns it. It listens for the run's
 // completion notice and reads the run when one arrives; a missed notice costs at most
-// the slow re-check interval (a few seconds), never a hot poll.
+// the slow re-check interval (a few seconds), never a hot poll. A run this client
+// submitted is waited for while its start waits for a scheduler; any other run that does
+// not exist is ErrRunNotFound.
 func (c *Client) Wait(ctx context.Context, runID string) (*RunInfo, error) {
 	return c.wait(ctx, runID, false)
 }
@@ -279,9 +304,14 @@ func (c *Client) wait(ctx context.Context, runID string, outcomeOnly bool) (*Run
 	defer sub.Unsubscribe() //nolint:errcheck // nothing to do about a failed unsubscribe
 	recheck := 500 * time.Millisecond
 	for {
-		info, err := c.Describe(ctx, runID)
+		info, pending, err := c.describe(ctx, runID)
 		if err != nil {
 			return nil, err
+		}
+		if pending {
+			// Not committed yet: waited for as a run in flight, whose done notice
+			// or next reading ends the wait.
+			info = &RunInfo{ID: runID, Namespace: c.namespace}
 		}
 		if info.Status.Terminal() {
 			return info, nil

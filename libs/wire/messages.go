@@ -79,12 +79,19 @@ type DescribeRequest struct {
 	// Namespace, when set, must be the subject's (else permission_denied); empty takes it.
 	Namespace string `json:"namespace,omitempty"`
 	RunID     RunID  `json:"run_id"`
+	// SubmitSeq, when set, is the submit stream's sequence of the start that names
+	// RunID (its publish acknowledgement's): a run not committed yet is then answered
+	// Pending while that start still waits in the stream.
+	SubmitSeq uint64 `json:"submit_seq,omitempty"`
 }
 
 // DescribeReply carries a run and its steps, or an error.
 type DescribeReply struct {
 	Run   *RunInfo `json:"run,omitempty"`
 	Error *Error   `json:"error,omitempty"`
+	// Pending: no such run yet, but its submitted start (DescribeRequest.SubmitSeq) is
+	// still in the submit stream, waiting for a scheduler to commit it.
+	Pending bool `json:"pending,omitempty"`
 }
 
 // RunInfo is a run as callers see it.

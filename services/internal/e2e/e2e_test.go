@@ -6,6 +6,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"testing"
@@ -285,9 +286,53 @@ func TestSubmitWhileNoSchedulerIsUp(t *testing.T) {
 	if n := s.count(`SELECT count(*) FROM workflow_runs`); n != 0 {
 		t.Fatalf("%d runs before any scheduler ran", n)
 	}
+	// Waited for before any scheduler can answer, and while its start is in the stream.
+	waited := make(chan error, 1)
+	go func() {
+		info, err := s.client.Wait(ctx, id)
+		if err == nil && info.Status != wire.StatusCompleted {
+			err = fmt.Errorf("status %s", info.Status)
+		}
+		waited <- err
+	}()
+	time.Sleep(200 * time.Millisecond)
 	s.scheduler()
-	info, err := s.client.Wait(ctx, id)
-	if err != nil || info.Status != wire.StatusCompleted {
-		t.Fatalf("submitted run: %+v, %v", info, err)
+	if err := <-waited; err != nil {
+		t.Fatalf("wait for the submitted run: %v", err)
+	}
+}
+
+// A run just submitted is waited for, not "not found", while its start waits for a
+// scheduler; a submit that made no run (its idempotency key names a run of another
+// input) ends the wait with ErrRunNotFound once a scheduler has refused it.
+func TestWaitForASubmittedRun(t *testing.T) {
+	t.Parallel()
+	s := newSystem(t)
+	s.timer()
+	s.executor("exec-a")
+	s.scheduler()
+	// Submit publishes to the submit stream, which exists once a service has started.
+	s.waitUntil("the executor announced itself", 20*time.Second, 1, `SELECT count(*) FROM workers`)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for i := range 20 {
+		id, err := s.client.SubmitByName(ctx, "e2e-steps", map[string]any{"steps": 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info, err := s.client.Wait(ctx, id); err != nil || info.Status != wire.StatusCompleted {
+			t.Fatalf("submit %d: wait: %+v, %v", i, info, err)
+		}
+	}
+
+	if _, err := s.client.StartByName(ctx, "e2e-steps", map[string]any{"steps": 1}, sdk.IdempotencyKey("k")); err != nil {
+		t.Fatal(err)
+	}
+	id, err := s.client.SubmitByName(ctx, "e2e-steps", map[string]any{"steps": 2}, sdk.IdempotencyKey("k"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.client.Wait(ctx, id); !errors.Is(err, wire.ErrRunNotFound) {
+		t.Fatalf("wait for a submit that made no run: %v, want ErrRunNotFound", err)
 	}
 }

@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 
 	"github.com/nats-io/nats.go"
@@ -22,6 +23,24 @@ func (s *Scheduler) handleDescribe(ctx context.Context, msg *nats.Msg) {
 		return
 	}
 	run, err := s.st.RunGet(ctx, req.Namespace, req.RunID)
+	if errors.Is(err, wire.ErrRunNotFound) && req.SubmitSeq != 0 {
+		waiting, werr := s.submitWaiting(ctx, req)
+		if werr != nil {
+			s.m.Describes.WithLabelValues(resultError).Inc()
+			s.log.Warn("read a submitted start for a describe", telemetry.RunID(req.RunID), zap.Error(werr))
+			s.reply(msg, wire.DescribeReply{Error: wire.ToError(
+				wire.Errorf(wire.ErrUnavailable, "whether run %s is submitted could not be read; retry", req.RunID))})
+			return
+		}
+		if waiting {
+			s.m.Describes.WithLabelValues("pending").Inc()
+			s.reply(msg, wire.DescribeReply{Pending: true})
+			return
+		}
+		// A scheduler commits a submitted start before it takes it out of the stream:
+		// gone from there now, it may have been committed since the read.
+		run, err = s.st.RunGet(ctx, req.Namespace, req.RunID)
+	}
 	switch {
 	case errors.Is(err, wire.ErrRunNotFound):
 		s.m.Describes.WithLabelValues("not_found").Inc()
@@ -35,6 +54,25 @@ func (s *Scheduler) handleDescribe(ctx context.Context, msg *nats.Msg) {
 		s.m.Describes.WithLabelValues("ok").Inc()
 		s.reply(msg, wire.DescribeReply{Run: &run})
 	}
+}
+
+// submitWaiting says whether the submit stream still holds, at req.SubmitSeq, a start of
+// req's namespace whose run would be req.RunID: the run is not committed yet but will be
+// (or will be refused, and the start then leaves the stream). A start of another
+// namespace says nothing, so that a describe never tells one tenant of another's starts.
+func (s *Scheduler) submitWaiting(ctx context.Context, req wire.DescribeRequest) (bool, error) {
+	subject, body, ok, err := s.b.SubmittedStart(ctx, req.SubmitSeq)
+	if err != nil || !ok {
+		return false, err
+	}
+	namespace, _, err := wire.ParseStartSubject(wire.SubmitSubjectPrefix, subject)
+	if err != nil || namespace != req.Namespace {
+		return false, nil
+	}
+	var start struct {
+		RequestID string `json:"request_id"`
+	}
+	return json.Unmarshal(body, &start) == nil && start.RequestID == req.RunID, nil
 }
 
 // parseDescribe reads a describe request; its namespace is the subject's.

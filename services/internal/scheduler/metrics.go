@@ -21,8 +21,8 @@ type Metrics struct {
 	// StartSeconds is the time from receiving a start to answering (reply or ack), by
 	// source (request, submit).
 	StartSeconds *prometheus.HistogramVec
-	// Describes counts describe requests by result: ok, not_found, invalid, denied,
-	// overloaded, rate_limited, error.
+	// Describes counts describe requests by result: ok, pending (submitted, not yet
+	// committed), not_found, invalid, denied, overloaded, rate_limited, error.
 	Describes *prometheus.CounterVec
 	// Queued is how many request-reply requests wait for a worker.
 	Queued prometheus.Gauge
