@@ -40,7 +40,7 @@ import (
 //	KAGZI_CONCURRENCY       --concurrency             executor, dev
 //	KAGZI_LEASE             --lease                   executor, dev
 //	KAGZI_SHUTDOWN_GRACE    --shutdown-grace          executor, dev
-//	KAGZI_EXECUTOR_NAME     --executor-name           executor
+//	KAGZI_EXECUTOR_NAME     --executor-name           executor, dev
 //	KAGZI_STALE_AFTER       --stale-after             timer, dev
 //	KAGZI_MAX_IDLE          --max-idle                timer, dev
 //	KAGZI_DATA_DIR          --data                    dev
@@ -146,6 +146,7 @@ type DevConfig struct {
 	Lease         time.Duration
 	ShutdownGrace time.Duration
 	LocalSleepMax time.Duration
+	ExecutorName  string // ExecutorConfig.Name of the embedded executor
 	StaleAfter    time.Duration
 	MaxIdle       time.Duration
 	RequestQueue  int
@@ -168,7 +169,7 @@ func (d DevConfig) Timer() TimerConfig {
 // Executor is the executor's share of a dev configuration.
 func (d DevConfig) Executor() ExecutorConfig {
 	return ExecutorConfig{Config: d.Config, Concurrency: d.Concurrency, Lease: d.Lease, ShutdownGrace: d.ShutdownGrace,
-		LocalSleepMax: d.LocalSleepMax}
+		LocalSleepMax: d.LocalSleepMax, Name: d.ExecutorName}
 }
 
 // MigrateConfig configures `kagzi migrate`.
@@ -220,14 +221,7 @@ func loadExecutor(b *binder) (ExecutorConfig, error) {
 	var cfg ExecutorConfig
 	b.common(&cfg.Config, "executor", DefaultExecutorHTTPAddr, "json")
 	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace, &cfg.LocalSleepMax)
-	b.str(&cfg.Name, "executor-name", "KAGZI_EXECUTOR_NAME", "",
-		"stable name kept across restarts (a pod or unit name): a restarted executor hands back at once what its dead predecessor held")
-	b.check(func() error {
-		if cfg.Name == "" {
-			return nil
-		}
-		return wire.ValidateName("executor", cfg.Name)
-	})
+	b.executorName(&cfg.Name)
 	if err := b.finish(); err != nil {
 		return ExecutorConfig{}, err
 	}
@@ -242,6 +236,7 @@ func loadDev(b *binder) (DevConfig, error) {
 	var cfg DevConfig
 	b.common(&cfg.Config, "dev", DefaultDevHTTPAddr, "console")
 	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace, &cfg.LocalSleepMax)
+	b.executorName(&cfg.ExecutorName)
 	b.timer(&cfg.StaleAfter, &cfg.MaxIdle)
 	b.scheduler(&cfg.RequestQueue, &cfg.MaxDepth, &cfg.MaxTreeRuns)
 	b.namespaceRate(&cfg.NamespaceRate)
@@ -594,6 +589,17 @@ func (b *binder) log(l *LogConfig, format string) {
 			errs = append(errs, fmt.Errorf("log format %q: want json or console", l.Format))
 		}
 		return errors.Join(errs...)
+	})
+}
+
+func (b *binder) executorName(name *string) {
+	b.str(name, "executor-name", "KAGZI_EXECUTOR_NAME", "",
+		"stable name kept across restarts (a pod or unit name): a restarted executor hands back at once what its dead predecessor held")
+	b.check(func() error {
+		if *name == "" {
+			return nil
+		}
+		return wire.ValidateName("executor", *name)
 	})
 }
 

@@ -153,11 +153,12 @@ func TestDevEmbedsNATSUnlessURLGiven(t *testing.T) {
 
 func TestDevSplitsIntoServiceConfigs(t *testing.T) {
 	t.Parallel()
-	cfg, err := LoadDev(Source{Args: []string{"--concurrency", "3", "--stale-after", "5s", "--namespace", "ns1", "--request-queue", "9"}})
+	cfg, err := LoadDev(Source{Args: []string{"--concurrency", "3", "--stale-after", "5s", "--namespace", "ns1", "--request-queue", "9"},
+		Env: env("KAGZI_EXECUTOR_NAME", "laptop")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if e := cfg.Executor(); e.Concurrency != 3 || e.Namespace != "ns1" {
+	if e := cfg.Executor(); e.Concurrency != 3 || e.Namespace != "ns1" || e.Name != "laptop" {
 		t.Errorf("executor = %+v", e)
 	}
 	if tc := cfg.Timer(); tc.StaleAfter != 5*time.Second || tc.Namespace != "ns1" {
