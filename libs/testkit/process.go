@@ -61,7 +61,16 @@ func StartProcess(t testing.TB, name, bin string, env ...string) *Process {
 // StartCommand is StartProcess with command-line arguments.
 func StartCommand(t testing.TB, name, bin string, args []string, env ...string) *Process {
 	t.Helper()
-	p := &Process{t: t, Name: name, bin: bin, args: args, env: env, log: filepath.Join(t.TempDir(), name+".log")}
+	dir := t.TempDir()
+	if keep := os.Getenv("KAGZI_TEST_LOG_DIR"); keep != "" {
+		// Kept after the test, passed or not: a whole log to read, where a failure
+		// prints only its last lines.
+		dir = filepath.Join(keep, strings.ReplaceAll(t.Name(), "/", "_"))
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := &Process{t: t, Name: name, bin: bin, args: args, env: env, log: filepath.Join(dir, name+".log")}
 	p.Start()
 	t.Cleanup(func() {
 		p.Kill()

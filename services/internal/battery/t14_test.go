@@ -96,23 +96,44 @@ func TestT14PoisonWorkflows(t *testing.T) {
 
 	// The supervisor: restart every executor that exits, until every run has ended.
 	var dead []int
+	var exits []time.Time // when the supervisor saw each exit
 	total := 2*w + len(kinds)*n
+	// It looks for exits every 10 ms whatever the database does: the count of ended
+	// runs, slow on a loaded machine, is taken beside it, not between two looks.
 	deadline := time.Now().Add(settle)
-	for lastLook := (time.Time{}); ; time.Sleep(10 * time.Millisecond) {
+	allEnded, stopCounting := make(chan struct{}), make(chan struct{})
+	go func() {
+		for {
+			var ended int // a failed count is taken again: t.Fatal is not for this goroutine
+			err := s.pool.QueryRow(context.Background(),
+				`SELECT count(*) FROM workflow_runs WHERE status IN ('COMPLETED','FAILED','CANCELLED')`).Scan(&ended)
+			if err == nil && ended == total {
+				close(allEnded)
+				return
+			}
+			select {
+			case <-stopCounting:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}()
+supervise:
+	for ; ; time.Sleep(10 * time.Millisecond) {
 		for _, p := range execs {
 			if p.Exited() {
 				dead = append(dead, s.fault(p, "exited (os.Exit in a poison step), restarted"))
+				exits = append(exits, time.Now())
 				p.Start()
 			}
 		}
-		if time.Since(lastLook) < 100*time.Millisecond {
-			continue
-		}
-		lastLook = time.Now()
-		if s.oracle.Count(`SELECT count(*) FROM workflow_runs WHERE status IN ('COMPLETED','FAILED','CANCELLED')`) == total {
-			break
+		select {
+		case <-allEnded:
+			break supervise
+		default:
 		}
 		if time.Now().After(deadline) {
+			close(stopCounting)
 			t.Fatalf("runs still active %s after the mixed start", settle)
 		}
 	}
@@ -202,18 +223,32 @@ func TestT14PoisonWorkflows(t *testing.T) {
 	t.Logf("good-run completion p99: %.3fs without poison, %.3fs with poison", baseP99, p99)
 	s.logLatencies("good runs without poison", baseIDs)
 	s.logLatencies("good runs with poison", goodIDs)
-	t.Logf("good runs with poison: %d of %d lost an attempt to a lapsed lease (an executor died under them)",
-		s.oracle.Count(`SELECT count(DISTINCT run_id) FROM test_transitions WHERE run_id = ANY ($1::uuid[])
-			AND old_status = 'RUNNING' AND new_status IN ('QUEUED', 'FAILED')`, goodIDs), len(goodIDs))
+	// Which of the two sets the tail: the runs an executor died under, or the queue itself.
+	const lapsedSQL = `SELECT DISTINCT run_id::text FROM test_transitions WHERE run_id = ANY ($1::uuid[])
+		AND old_status = 'RUNNING' AND new_status IN ('QUEUED', 'FAILED')`
+	lapsed := s.lines(lapsedSQL, goodIDs)
+	t.Logf("good runs with poison: %d of %d lost an attempt to a lapsed lease (an executor died under them)", len(lapsed), len(goodIDs))
+	s.logLatencies("good runs with poison that lost an attempt", lapsed)
+	s.logLatencies("good runs with poison that lost none", slices.DeleteFunc(slices.Clone(goodIDs), func(id string) bool {
+		return slices.Contains(lapsed, id)
+	}))
+	s.logT14Timeline(goodIDs, poisonIDs, exits)
 	sum.Faults += fmt.Sprintf("; good-run p99 %.1f× the poison-free one", p99/baseP99)
-	// Every os.Exit still stops every run its executor holds until the executor is back
-	// under its name and hands them back (well under a lease), and the executors that
-	// make room for a run that must run alone work at a fraction of their width
-	// meanwhile. Doorbells handed back while an executor makes room no longer run out of
-	// deliveries (MaxDeliver is unlimited). What sets the tail is the density of exits:
-	// every os.Exit run exits on all five attempts, about one exit every 0.2 s, the first
-	// two taking down the runs beside them and the last three each draining a whole
-	// executor first. The gate holds the engine to what it controls (nothing lost, no innocent run
+	// What sets the tail, measured at the chaos size (the timeline above shows it):
+	//   - the runs handed back after a death are published at the back of the queue,
+	//     behind the good backlog, where every culprit's retries are too, and wait there;
+	//   - the first pass runs at a sixth to a third of the baseline's rate: 100 culprits'
+	//     first attempts each kill an executor, and a restarted one takes about a second
+	//     to work at pace on this loaded machine (exit to main 0.2-0.3 s, start-up 0.45 s,
+	//     first completion 1.1 s after main, at the median of ~200 restarts, read with
+	//     KAGZI_TEST_LOG_DIR and trace lines not kept), so most incarnations die before
+	//     they complete eight runs;
+	//   - without the os.Exit kind, the infinite loops alone (500 attempts holding a slot
+	//     for the 1 s step timeout, 21 s of all 24 slots) put the p99 at 2.0× already.
+	// Spreading the hand-back over time, or a crash-loop backoff on runs with lapses, left
+	// the tail where it was (tried once each). Meeting the criterion wants priority in
+	// the queue: runs handed back ahead of first attempts, retries and suspects behind
+	// them. The gate holds the engine to what it controls (nothing lost, no innocent run
 	// dead-lettered, poison runs failed on their fifth attempt); the chaos tier holds it
 	// to BATTERY.md's p99 criterion as well, and reports it failed until it is met.
 	if p99 > 2*baseP99 {
@@ -372,4 +407,62 @@ func (s *system) repeatsOf(ids []string, faulted []int) (repeats, unexplained in
 		s.t.Fatalf("count repeated bodies: %v", err)
 	}
 	return repeats, unexplained
+}
+
+// logT14Timeline logs, per 5 s since the mixed start, the claims of good and of poison
+// runs, the good runs completed and the executor exits: where the time with poison went.
+func (s *system) logT14Timeline(goodIDs, poisonIDs []string, exits []time.Time) {
+	s.t.Helper()
+	const bucket = 5.0
+	var start time.Time
+	if err := s.pool.QueryRow(context.Background(), `SELECT min(created_at) FROM workflow_runs WHERE id = ANY ($1::uuid[])`,
+		goodIDs).Scan(&start); err != nil {
+		s.t.Fatalf("timeline: %v", err)
+	}
+	type row struct{ goodClaims, poisonClaims, completed, exits int }
+	var tl []row
+	at := func(sec float64) *row {
+		i := max(int(sec/bucket), 0)
+		for len(tl) <= i {
+			tl = append(tl, row{})
+		}
+		return &tl[i]
+	}
+	rows, err := s.pool.Query(context.Background(), `
+		SELECT extract(epoch FROM c.at - $3)::float8, c.run_id = ANY ($1::uuid[]) FROM test_transitions c
+		WHERE (c.run_id = ANY ($1::uuid[]) OR c.run_id = ANY ($2::uuid[])) AND c.new_status = 'RUNNING' AND c.old_status = 'QUEUED'
+		UNION ALL
+		SELECT extract(epoch FROM finished_at - $3)::float8, NULL FROM workflow_runs WHERE id = ANY ($1::uuid[])`,
+		goodIDs, poisonIDs, start)
+	if err != nil {
+		s.t.Fatalf("timeline: %v", err)
+	}
+	for rows.Next() {
+		var sec float64
+		var good *bool
+		if err := rows.Scan(&sec, &good); err != nil {
+			s.t.Fatalf("timeline: %v", err)
+		}
+		switch r := at(sec); {
+		case good == nil:
+			r.completed++
+		case *good:
+			r.goodClaims++
+		default:
+			r.poisonClaims++
+		}
+	}
+	if err := rows.Err(); err != nil {
+		s.t.Fatalf("timeline: %v", err)
+	}
+	// The supervisor's clock against the database's: both are this machine's.
+	for _, e := range exits {
+		at(e.Sub(start).Seconds()).exits++
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "timeline of the mixed phase (per %.0f s): good claims, poison claims, good completed, executor exits", bucket)
+	for i, r := range tl {
+		fmt.Fprintf(&b, "\n  %3.0f s: %5d %5d %5d %4d", float64(i)*bucket, r.goodClaims, r.poisonClaims, r.completed, r.exits)
+	}
+	s.t.Log(b.String())
 }

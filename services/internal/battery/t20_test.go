@@ -5,6 +5,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"math"
 	"net/url"
 	"os"
 	"slices"
@@ -28,6 +29,7 @@ type t20Service struct {
 	p       *testkit.Process
 	metrics string // KAGZI_HTTP_ADDR
 	killed  bool   // the nemesis's victims: their memory and goroutines are only logged
+	pgConns int    // PostgreSQL sessions its pools may hold
 }
 
 // t20Sample is one look at every service and at PostgreSQL's sessions.
@@ -220,7 +222,7 @@ func TestT20SoakAndBurst(t *testing.T) {
 	pools := map[string]int{"": 8, "t20-scheduler": 6, "t20-timer": 3, "battery-oracle": 2 * execs}
 	var services []*t20Service
 	add := func(name string, start func(name string, env ...string) *testkit.Process, poolSize int, env ...string) *t20Service {
-		svc := &t20Service{name: name, metrics: freeAddr(t)}
+		svc := &t20Service{name: name, metrics: freeAddr(t), pgConns: poolSize}
 		svc.p = start(name, append([]string{named(name), "KAGZI_HTTP_ADDR=" + svc.metrics, fmt.Sprintf("KAGZI_DB_MAX_CONNS=%d", poolSize)}, env...)...)
 		pools["t20-"+name] = poolSize
 		services = append(services, svc)
@@ -233,6 +235,7 @@ func TestT20SoakAndBurst(t *testing.T) {
 		svc := add(fmt.Sprintf("exec-%d", i), s.executor, 4, "KAGZI_EFFECTS_MAX_CONNS=2",
 			fmt.Sprintf("KAGZI_CONCURRENCY=%d", execSlots), "KAGZI_LEASE=2s")
 		svc.killed = i > 0
+		svc.pgConns += 2 // the oracle's pool, KAGZI_EFFECTS_MAX_CONNS
 		execSvcs = append(execSvcs, svc)
 	}
 	budget := 0
@@ -387,8 +390,13 @@ func TestT20SoakAndBurst(t *testing.T) {
 		if rss1 > 1.1*rss0 {
 			t.Errorf("%s: RSS grew from %.1f to %.1f MiB over the soak (> 1.1×)", svc.name, rss0/(1<<20), rss1/(1<<20))
 		}
-		if g1 > 1.05*g0 || g1 < 0.95*g0 {
-			t.Errorf("%s: goroutines went from %.0f to %.0f over the soak (beyond ±5 %%)", svc.name, g0, g1)
+		// ±5 % of a timer's 18 is less than one goroutine, and pgx parks one per session
+		// whose last write took over 15 ms (its background reader, stopped, sits in a read
+		// until that session's next reply: pgconn's enterPotentialWriteReadDeadlock). So
+		// a floor may move by the service's pool size with nothing leaking: the timer's
+		// went 17 → 19 in one full run and 19 → 17 in the next. A leak outgrows that.
+		if slack := max(0.05*g0, float64(svc.pgConns)); math.Abs(g1-g0) > slack {
+			t.Errorf("%s: goroutines went from %.0f to %.0f over the soak (beyond ±5 %% or its %d PostgreSQL sessions)", svc.name, g0, g1, svc.pgConns)
 		}
 		drift = append(drift, fmt.Sprintf("%s %+.0f%%/%+.0f%%", svc.name, 100*(rss1/rss0-1), 100*(g1/g0-1)))
 	}

@@ -60,6 +60,24 @@ func TestS01NATSAuthenticationAndLeastPrivilege(t *testing.T) {
 	if err != nil || out.Greeting != "Hello, Ada! — Kagzi" {
 		t.Fatalf("greet run ended %+v, %v; want it completed (it sleeps, so scheduler, executor and timer all took part)", out, err)
 	}
+	// Submitted runs waited for at once: a describe that comes before the commit makes
+	// the scheduler read the start from the submit stream.
+	var submitted []*sdk.Run[demo.GreetOutput]
+	for range 3 {
+		r, err := demo.Greet.Submit(ctx, client, demo.GreetInput{Name: "Grace"})
+		if err != nil {
+			t.Fatalf("submit greet as the client identity: %v", err)
+		}
+		if _, err := r.Describe(ctx); err != nil && !errors.Is(err, wire.ErrRunNotFound) {
+			t.Fatalf("describe a submitted run: %v", err)
+		}
+		submitted = append(submitted, r)
+	}
+	for _, r := range submitted {
+		if out, err := r.Result(ctx); err != nil || out.Greeting != "Hello, Grace! — Kagzi" {
+			t.Fatalf("submitted greet run ended %+v, %v", out, err)
+		}
+	}
 	if got := n.violations(); got != 0 {
 		t.Fatalf("the services hit %d permission violations running one workflow; the shipped permissions are missing something:\n%s",
 			got, violationLines(n.proc.Log()))
@@ -201,8 +219,8 @@ func TestS01NATSAuthenticationAndLeastPrivilege(t *testing.T) {
 		}
 		var runs int
 		pool := connectPG(t, dbURL)
-		if err := pool.QueryRow(ctx, `SELECT count(*) FROM workflow_runs`).Scan(&runs); err != nil || runs != 1 {
-			t.Errorf("workflow_runs holds %d rows (%v), want only the greet run", runs, err)
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM workflow_runs`).Scan(&runs); err != nil || runs != 1+len(submitted) {
+			t.Errorf("workflow_runs holds %d rows (%v), want only the %d greet runs", runs, err, 1+len(submitted))
 		}
 	})
 }

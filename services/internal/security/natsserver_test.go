@@ -95,8 +95,15 @@ func startSecureNATSWith(t *testing.T, extra string) *secureNATS {
 	args := []string{"-c", conf,
 		"-a", "127.0.0.1", "-p", fmt.Sprint(n.port), "-m", fmt.Sprint(n.monPort)}
 	n.proc = testkit.StartCommand(t, "nats-server", bins["nats-server"], args, env...)
+	// The monitor listens before JetStream starts and the client port after it, so only
+	// a connection to the client port says the server is ready (CI once dialled between).
 	eventually(t, 20*time.Second, "nats-server to listen", func() bool {
-		_, err := n.varz()
+		c, err := net.DialTimeout("tcp", n.Addr(), time.Second)
+		if err != nil {
+			return false
+		}
+		c.Close()
+		_, err = n.varz()
 		return err == nil
 	})
 	return n

@@ -47,9 +47,11 @@ func TestSkewedClockWakesOnTimeAndKeepsLeases(t *testing.T) {
 			if task.RunID != d.RunID {
 				t.Fatalf("doorbell for run %s, want %s", task.RunID, d.RunID)
 			}
-			// The database and this test share the machine's (unskewed) clock.
-			if late := arrived.Sub(wakeAt); late < 0 || late > 500*time.Millisecond {
-				t.Fatalf("doorbell arrived %v after the wake time, want within [0, 500ms]", late)
+			// The database and this test share the machine's (unskewed) clock. The bound
+			// tells on time from minutes off, and leaves a loaded machine room (one took
+			// 552 ms); how late a wake may be is S3's and T11's to measure.
+			if late := arrived.Sub(wakeAt); late < 0 || late > 3*time.Second {
+				t.Fatalf("doorbell arrived %v after the wake time, want within [0, 3s]", late)
 			}
 			info, err := e.st.RunGet(ctx, wire.DefaultNamespace, held.RunID)
 			if err != nil {

@@ -146,7 +146,8 @@ func poisonBody(kind, runID string, attempt int) error {
 			time.Sleep(20 * time.Millisecond)
 		}
 	case PoisonExit:
-		fmt.Fprintf(os.Stderr, "%s run=%s attempt=%d pid=%d\n", PoisonExitLine, runID, attempt, os.Getpid())
+		fmt.Fprintf(os.Stderr, "%s run=%s attempt=%d pid=%d at=%s\n", PoisonExitLine, runID, attempt, os.Getpid(),
+			time.Now().UTC().Format(time.RFC3339Nano))
 		os.Exit(1)
 	}
 	return fmt.Errorf("chaoswf: unknown poison kind %q", kind)
