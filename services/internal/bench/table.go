@@ -42,7 +42,9 @@ func writeTable(w io.Writer, rep *Report) {
 				r.Runs, r.Client.P50, r.Client.P95, r.Client.P99, r.Server.P50),
 			target:  "p50 ≤ 2.5 ms, p99 ≤ 5 ms",
 			verdict: verdict(r.Client.P50 <= 2.5, r.Client.P99 <= 5),
-			ratio:   ratio(r.P50InCommits, "× one 1-client commit (p50)")})
+			// The issue's 2.5 ms were set where one commit took 0.18 ms: so many commits
+			// is what the same target asks of a machine whose disk is slower or faster.
+			ratio: ratio(r.P50InCommits, fmt.Sprintf("× one 1-client commit (p50; the issue's machine: 2.5 ms = %.1f ×)", 2.5/issueCommitMS))})
 	}
 	if r := rep.S3; r != nil {
 		path := func(p SleepPath) string {
@@ -131,6 +133,10 @@ func redispatched(n int) string {
 	}
 	return fmt.Sprintf("; %d re-dispatched while queued", n)
 }
+
+// issueCommitMS is the one-client commit time of the machine issue 4's targets were set
+// on ("about 5,500 times a second from 1 client (0.18 ms)").
+const issueCommitMS = 0.18
 
 func ratio(v float64, unit string) string {
 	if v == 0 {
