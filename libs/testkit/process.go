@@ -1,11 +1,8 @@
 package testkit
 
 import (
-	"bytes"
-	"fmt"
 	"os"
 	"os/exec"
-	"path"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -18,23 +15,7 @@ import (
 // paths by the last element of each path. Fault tests build once in TestMain and run the
 // binaries as real processes, so kill -9 is real.
 func Build(dir string, pkgs ...string) (map[string]string, error) {
-	out := make(map[string]string, len(pkgs))
-	args := []string{"build", "-o", dir + string(os.PathSeparator)}
-	args = append(args, pkgs...)
-	cmd := exec.Command("go", args...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
-		return nil, fmt.Errorf("go build %s: %w\n%s", strings.Join(pkgs, " "), err, stderr.String())
-	}
-	for _, p := range pkgs {
-		name := path.Base(p)
-		if len(name) > 1 && name[0] == 'v' && strings.Trim(name[1:], "0123456789") == "" {
-			name = path.Base(path.Dir(p)) // go build names a /vN module after the element before
-		}
-		out[name] = filepath.Join(dir, name)
-	}
-	return out, nil
+	return BuildWith(dir, nil, pkgs...)
 }
 
 // Process is a child process whose output goes to a log file in the test's directory.

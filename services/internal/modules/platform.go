@@ -112,8 +112,12 @@ func newHTTPServer(cfg platform.Config, reg *prometheus.Registry, log *zap.Logge
 	if cfg.HTTPAddr == platform.HTTPOff {
 		return nil
 	}
-	return platform.NewHTTPServer(cfg.HTTPAddr, reg, log.Named("http"),
+	s := platform.NewHTTPServer(cfg.HTTPAddr, reg, log.Named("http"),
 		platform.PostgresCheck(pool), platform.NATSCheck(nc))
+	if cfg.Pprof {
+		s.ServeProfiler()
+	}
+	return s
 }
 
 func serveHTTP(lc fx.Lifecycle, s *platform.HTTPServer) {

@@ -35,6 +35,7 @@ import (
 //	NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY                  wherever NATS_URL is read
 //	KAGZI_NAMESPACE         --namespace               all services, dev, start, describe
 //	KAGZI_HTTP_ADDR         --http-addr               all services, dev ("off" disables)
+//	KAGZI_PPROF             --pprof                   all services, dev
 //	KAGZI_LOG_LEVEL         --log-level               all services, dev
 //	KAGZI_LOG_FORMAT        --log-format              all services, dev (json|console)
 //	KAGZI_CONCURRENCY       --concurrency             executor, dev
@@ -99,7 +100,11 @@ type Config struct {
 	NATS      bus.ConnOptions
 	Namespace string
 	HTTPAddr  string // HTTPOff: no HTTP server
-	Log       LogConfig
+	// Pprof serves Go's profiler under /debug/pprof/ on HTTPAddr. Off by default: a
+	// profile shows the process's code paths and a heap dump its memory, payloads
+	// included, so it belongs on a private address only.
+	Pprof bool
+	Log   LogConfig
 }
 
 // SchedulerConfig configures the scheduler service.
@@ -464,6 +469,7 @@ func (b *binder) common(c *Config, service, httpAddr, logFormat string) {
 	c.Postgres.AppName = "kagzi-" + service
 	b.str(&c.Namespace, "namespace", "KAGZI_NAMESPACE", wire.DefaultNamespace, "namespace of runs started without one")
 	b.str(&c.HTTPAddr, "http-addr", "KAGZI_HTTP_ADDR", httpAddr, `listen address of /healthz, /readyz and /metrics ("off": none)`)
+	b.boolean(&c.Pprof, "pprof", "KAGZI_PPROF", false, "also serve Go's profiler at /debug/pprof/ on the HTTP address (keep that address private)")
 	b.log(&c.Log, logFormat)
 	b.check(func() error { return wire.ValidateName("namespace", c.Namespace) })
 	b.check(func() error {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sync"
 	"time"
 
@@ -41,6 +42,7 @@ type ReadyCheck struct {
 // it), so a PostgreSQL outage makes replicas unready, not restarted.
 type HTTPServer struct {
 	addr   string
+	mux    *http.ServeMux
 	srv    *http.Server
 	log    *zap.Logger
 	checks []ReadyCheck
@@ -52,8 +54,8 @@ type HTTPServer struct {
 
 // NewHTTPServer builds the server; it listens on Start.
 func NewHTTPServer(addr string, reg *prometheus.Registry, log *zap.Logger, checks ...ReadyCheck) *HTTPServer {
-	s := &HTTPServer{addr: addr, log: log, checks: checks}
 	mux := http.NewServeMux()
+	s := &HTTPServer{addr: addr, mux: mux, log: log, checks: checks}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = w.Write([]byte("ok\n"))
@@ -71,6 +73,16 @@ func NewHTTPServer(addr string, reg *prometheus.Registry, log *zap.Logger, check
 		ErrorLog:          zap.NewStdLog(log.Named("http")),
 	}
 	return s
+}
+
+// ServeProfiler adds Go's profiler under /debug/pprof/ (net/http/pprof's handlers, on
+// this server's mux rather than the process-wide default one). Call it before Start.
+func (s *HTTPServer) ServeProfiler() {
+	s.mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	s.mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	s.mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	s.mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	s.mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 }
 
 // readyz runs every check with a short deadline: a probe that hangs is as bad as a

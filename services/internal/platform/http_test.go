@@ -75,3 +75,27 @@ func TestHTTPServerPortTaken(t *testing.T) {
 		t.Fatal("a second server started on a taken port")
 	}
 }
+
+// The profiler is served only when asked for: it shows code paths and memory.
+func TestHTTPServerProfiler(t *testing.T) {
+	t.Parallel()
+	plain := NewHTTPServer("127.0.0.1:0", NewRegistry(), zaptest.NewLogger(t))
+	profiled := NewHTTPServer("127.0.0.1:0", NewRegistry(), zaptest.NewLogger(t))
+	profiled.ServeProfiler()
+	for _, s := range []*HTTPServer{plain, profiled} {
+		if err := s.Start(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		defer s.Stop()
+	}
+	if code, _ := get(t, "http://"+plain.Addr()+"/debug/pprof/"); code != http.StatusNotFound {
+		t.Errorf("profiler index without ServeProfiler = %d, want 404", code)
+	}
+	if code, body := get(t, "http://"+profiled.Addr()+"/debug/pprof/"); code != 200 || !strings.Contains(body, "goroutine") {
+		t.Errorf("profiler index = %d %.200q", code, body)
+	}
+	code, body := get(t, "http://"+profiled.Addr()+"/debug/pprof/profile?seconds=1")
+	if code != 200 || len(body) == 0 {
+		t.Errorf("cpu profile = %d, %d bytes", code, len(body))
+	}
+}
