@@ -84,6 +84,12 @@ type Config struct {
 
 	Out  string // JSON report; default bench.json; "-" for none
 	Keep bool   // keep the databases (and the service logs)
+	// ProfileDir, when set, runs the services with Go's profiler on (KAGZI_PPROF) and,
+	// after S2's measurement, keeps its load going for ProfileFor (default 20 s) while
+	// it takes a CPU profile of every service, written there as s2-<service>.pprof. The
+	// measured figures are taken before, and unaffected.
+	ProfileDir string
+	ProfileFor time.Duration
 	// Progress receives a line per phase while the bench runs; nil discards them.
 	Progress io.Writer
 }
@@ -119,6 +125,7 @@ func (c *Config) setDefaults() error {
 	}
 	setInt(&c.N, 5000)
 	setInt(&c.LatencyRuns, 300)
+	setDur(&c.ProfileFor, 20*time.Second)
 	setInt(&c.SleepRuns, 1000)
 	setDur(&c.SleepFor, 2*time.Second)
 	setInt(&c.CrashRuns, 200)

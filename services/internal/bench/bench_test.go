@@ -97,7 +97,15 @@ func hasRows(t *testing.T, table string, names ...string) {
 
 func TestBenchTinyLoad(t *testing.T) {
 	t.Parallel()
-	rep, table := runTiny(t, tinyConfig(t, bench.S1Throughput, bench.S2Latency, bench.S3Sleep))
+	cfg := tinyConfig(t, bench.S1Throughput, bench.S2Latency, bench.S3Sleep)
+	cfg.ProfileDir, cfg.ProfileFor = t.TempDir(), time.Second
+	rep, table := runTiny(t, cfg)
+	// Profiled: S2's load went on while every service was profiled.
+	for _, service := range []string{"scheduler", "timer", "executor"} {
+		if fi, err := os.Stat(filepath.Join(cfg.ProfileDir, "s2-"+service+".pprof")); err != nil || fi.Size() == 0 {
+			t.Errorf("profile of %s: %v", service, err)
+		}
+	}
 	if r := rep.S1; r == nil || r.Runs != 20 || r.WorkflowsPerS <= 0 || r.ExecutorPeakRSS <= 0 || r.Latency.Count != 20 {
 		t.Errorf("S1: %+v", r)
 	}

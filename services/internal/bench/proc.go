@@ -19,6 +19,9 @@ import (
 type proc struct {
 	name string
 	log  string
+	// pprof is the address of the process's profiler (KAGZI_PPROF), when the bench
+	// profiles.
+	pprof string
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd

@@ -298,8 +298,16 @@ func (b *bencher) runS2(ctx context.Context) error {
 	warmup := min(10, n)
 	b.progress("S2 latency: %d runs of %s one at a time (after %d warm-up runs)", n, benchwf.Noop3Name, warmup)
 	return b.withSystem(ctx, "s2", func(s *system) error {
-		_, _, exec, err := s.services(ctx)
+		sched, tmr, exec, err := s.services(ctx)
 		if err != nil {
+			return err
+		}
+		oneRun := func(ctx context.Context) error {
+			run, err := benchwf.Noop3.Start(ctx, s.client, struct{}{})
+			if err != nil {
+				return fmt.Errorf("start run: %w", err)
+			}
+			_, err = run.Result(ctx)
 			return err
 		}
 		var ids []string
@@ -337,7 +345,7 @@ func (b *bencher) runS2(ctx context.Context) error {
 		}
 		b.rep.S2 = r
 		b.progress("S2: p50 %.2f ms, p95 %.2f ms, p99 %.2f ms", r.Client.P50, r.Client.P95, r.Client.P99)
-		return nil
+		return b.profile(ctx, "S2", oneRun, sched, tmr, exec)
 	})
 }
 

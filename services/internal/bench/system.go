@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"slices"
 	"os"
 	"strings"
 	"sync"
@@ -227,10 +228,21 @@ func (s *system) serviceEnv(extra ...string) []string {
 
 // start runs `kagzi <service>` with the scenario's environment plus extra.
 func (s *system) start(ctx context.Context, service, name string, extra ...string) (*proc, error) {
+	var pprofAddr string
+	if s.b.cfg.ProfileDir != "" {
+		addr, err := freeLoopbackAddr()
+		if err != nil {
+			return nil, err
+		}
+		pprofAddr = addr
+		// Later entries win: these replace serviceEnv's KAGZI_HTTP_ADDR=off.
+		extra = append(slices.Clip(extra), "KAGZI_HTTP_ADDR="+addr, "KAGZI_PPROF=true")
+	}
 	p, err := startProc(s.name+"-"+name, s.b.cfg.Binary, []string{service}, s.serviceEnv(extra...), s.b.logDir)
 	if err != nil {
 		return nil, err
 	}
+	p.pprof = pprofAddr
 	s.mu.Lock()
 	s.procs = append(s.procs, p)
 	s.mu.Unlock()

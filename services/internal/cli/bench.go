@@ -33,6 +33,8 @@ func Bench(ctx context.Context, program string, args []string, env Env) int {
 		fs.IntVar(&concurrency, "concurrency", 0, "executor KAGZI_CONCURRENCY in S1, S3 and S5 (0: the executor's default)")
 		fs.StringVar(&cfg.Out, "out", "bench.json", `JSON report ("-": none)`)
 		fs.BoolVar(&cfg.Keep, "keep", false, "keep the bench databases and service logs")
+		fs.StringVar(&cfg.ProfileDir, "profile", "", "directory for CPU profiles of every service, taken after S2's measurement under the same load")
+		fs.DurationVar(&cfg.ProfileFor, "profile-for", 20*time.Second, "how long each --profile CPU profile runs")
 		fs.StringVar(&cfg.ServiceLogLevel, "service-log-level", "warn", "KAGZI_LOG_LEVEL of the services the bench runs")
 	})
 	if err != nil {
