@@ -63,6 +63,10 @@ type runContext struct {
 	mu         sync.Mutex
 	leaseUntil time.Time
 	lost       atomic.Bool
+	// ending is set once the write that takes the run out of RUNNING (complete, fail,
+	// park, release) may have been sent: a renewal that then misses the run has seen that
+	// write, not another executor's claim, and a lost lease would show in the write itself.
+	ending atomic.Bool
 }
 
 func (rc *runContext) RunID() string        { return rc.run.ID }
@@ -359,6 +363,7 @@ func (rc *runContext) waitLocally(d time.Duration) {
 // the timer will queue the run again at its wake time.
 func (rc *runContext) park(key string, seq int, d time.Duration, until *time.Time) {
 	var wakeAt time.Time // set once the sleep committed; a failed retry must not reset it
+	rc.ending.Store(true)
 	err := rc.w.retryWrite(rc, func(ctx context.Context) error {
 		at, err := rc.w.store.RunSleep(ctx, store.RunSleepParams{FencedParams: rc.fenced(), StepKey: key, Seq: seq,
 			Duration: d, Until: until})

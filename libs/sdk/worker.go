@@ -411,6 +411,7 @@ func (w *Worker) handBack() {
 func (w *Worker) release(rc *runContext, what string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	rc.ending.Store(true)
 	d, err := w.store.RunRelease(ctx, rc.fenced())
 	if err == nil {
 		err = w.bus.PublishTasks(ctx, []bus.Doorbell{{Namespace: d.Namespace, Workflow: d.Workflow,
@@ -843,6 +844,7 @@ func (w *Worker) invoke(rc *runContext) (out []byte, u *unwind, err error) {
 func (w *Worker) finishCompleted(rc *runContext, out []byte) {
 	last := rc.pending
 	rc.pending = nil
+	rc.ending.Store(true)
 	err := w.retryWrite(rc, func(context.Context) error {
 		if last != nil {
 			if err := failpoint.Inject(failpoint.StepAfterBodyBeforeCommit); err != nil {
@@ -892,6 +894,7 @@ func (w *Worker) finishFailed(rc *runContext, cause error, retry bool) {
 		msg = "(sealed by the codec)" // error texts may hold payload data: keep them out of logs
 	}
 	var res store.RunFailResult
+	rc.ending.Store(true)
 	err := w.retryWrite(rc, func(ctx context.Context) error {
 		var err error
 		res, err = w.store.RunFail(ctx, store.RunFailParams{FencedParams: rc.fenced(), Error: stored, Retry: retry, Backoff: backoff})
@@ -1010,11 +1013,13 @@ func (w *Worker) extendLeases(ctx context.Context) {
 			rc.confirmLease(sent)
 			continue
 		}
-		// Missing from the answer: lost, unless the run finished or parked meanwhile.
+		// Missing from the answer: lost, unless the run finished, parked or was released
+		// meanwhile (its ending write may have committed before this renewal looked,
+		// while its execution has not yet let go of it here).
 		w.mu.Lock()
 		still := w.held[rc.run.ID] == rc
 		w.mu.Unlock()
-		if still {
+		if still && !rc.ending.Load() {
 			rc.log.Warn("lease lost: another executor holds the run")
 			rc.loseLease()
 		}
