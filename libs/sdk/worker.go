@@ -38,7 +38,7 @@ type WorkerConfig struct {
 	RetryBackoff  time.Duration // first retry delay after a failed attempt, doubling; default 1s
 	MaxBackoff    time.Duration // cap of the retry delay; default 5m
 	Consumer      bus.ConsumerConfig
-	Limits        wire.Limits
+	Limits        wire.Limits  // zero fields take wire.DefaultLimits()
 	Logger        *slog.Logger // default: discard
 	// Codec seals inputs, step outputs, outputs and error messages (see NewAEADCodec).
 	// Clients starting these workflows and reading their results need the same codec.
@@ -117,9 +117,7 @@ func (c *WorkerConfig) setDefaults() error {
 	if c.Consumer == (bus.ConsumerConfig{}) {
 		c.Consumer = bus.DefaultConsumerConfig()
 	}
-	if c.Limits == (wire.Limits{}) {
-		c.Limits = wire.DefaultLimits()
-	}
+	c.Limits = c.Limits.OrDefaults()
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}

@@ -31,6 +31,22 @@ func DefaultLimits() Limits {
 	}
 }
 
+// OrDefaults is l with every field that is zero or less taken from DefaultLimits, so a
+// caller may set one limit and keep the rest.
+func (l Limits) OrDefaults() Limits {
+	d := DefaultLimits()
+	for _, f := range []struct{ v, d *int }{
+		{&l.MaxInputBytes, &d.MaxInputBytes}, {&l.MaxStepOutputBytes, &d.MaxStepOutputBytes},
+		{&l.MaxRunStateBytes, &d.MaxRunStateBytes}, {&l.MaxSteps, &d.MaxSteps},
+		{&l.MaxDepth, &d.MaxDepth}, {&l.MaxTreeRuns, &d.MaxTreeRuns},
+	} {
+		if *f.v <= 0 {
+			*f.v = *f.d
+		}
+	}
+	return l
+}
+
 // MaxNameBytes bounds workflow names, namespaces, step keys and idempotency keys.
 const MaxNameBytes = 255
 

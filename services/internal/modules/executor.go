@@ -48,6 +48,7 @@ func newWorker(cfg platform.ExecutorConfig, pool *pgxpool.Pool, nc *nats.Conn, l
 		ShutdownGrace: cfg.ShutdownGrace,
 		LocalSleepMax: cfg.LocalSleepMax,
 		Name:          cfg.Name,
+		Limits:        cfg.Limits,
 		Logger:        platform.NewSlog(log.Named("executor")),
 		// PlatformModule has already migrated the schema or checked its version.
 		SkipSchemaCheck: true,

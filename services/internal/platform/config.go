@@ -42,6 +42,9 @@ import (
 //	KAGZI_LEASE             --lease                   executor, dev
 //	KAGZI_SHUTDOWN_GRACE    --shutdown-grace          executor, dev
 //	KAGZI_EXECUTOR_NAME     --executor-name           executor, dev
+//	KAGZI_MAX_STEPS         --max-steps               executor, dev
+//	KAGZI_MAX_STEP_OUTPUT   --max-step-output         executor, dev
+//	KAGZI_MAX_RUN_STATE     --max-run-state           executor, dev
 //	KAGZI_STALE_AFTER       --stale-after             timer, dev
 //	KAGZI_MAX_IDLE          --max-idle                timer, dev
 //	KAGZI_DATA_DIR          --data                    dev
@@ -139,6 +142,9 @@ type ExecutorConfig struct {
 	// Name is the executor's stable name (sdk.WorkerConfig.Name), the same across its
 	// restarts and never shared by two live executors; "": unnamed.
 	Name string
+	// Limits bound what one run may record (steps, a step's output, its whole state);
+	// only those fields are set, the rest take their defaults in the SDK.
+	Limits wire.Limits
 }
 
 // DevConfig configures `kagzi dev`: every service in one process.
@@ -151,7 +157,8 @@ type DevConfig struct {
 	Lease         time.Duration
 	ShutdownGrace time.Duration
 	LocalSleepMax time.Duration
-	ExecutorName  string // ExecutorConfig.Name of the embedded executor
+	ExecutorName  string      // ExecutorConfig.Name of the embedded executor
+	RunLimits     wire.Limits // ExecutorConfig.Limits of the embedded executor
 	StaleAfter    time.Duration
 	MaxIdle       time.Duration
 	RequestQueue  int
@@ -174,7 +181,7 @@ func (d DevConfig) Timer() TimerConfig {
 // Executor is the executor's share of a dev configuration.
 func (d DevConfig) Executor() ExecutorConfig {
 	return ExecutorConfig{Config: d.Config, Concurrency: d.Concurrency, Lease: d.Lease, ShutdownGrace: d.ShutdownGrace,
-		LocalSleepMax: d.LocalSleepMax, Name: d.ExecutorName}
+		LocalSleepMax: d.LocalSleepMax, Name: d.ExecutorName, Limits: d.RunLimits}
 }
 
 // MigrateConfig configures `kagzi migrate`.
@@ -227,6 +234,7 @@ func loadExecutor(b *binder) (ExecutorConfig, error) {
 	b.common(&cfg.Config, "executor", DefaultExecutorHTTPAddr, "json")
 	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace, &cfg.LocalSleepMax)
 	b.executorName(&cfg.Name)
+	b.runLimits(&cfg.Limits)
 	if err := b.finish(); err != nil {
 		return ExecutorConfig{}, err
 	}
@@ -242,6 +250,7 @@ func loadDev(b *binder) (DevConfig, error) {
 	b.common(&cfg.Config, "dev", DefaultDevHTTPAddr, "console")
 	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace, &cfg.LocalSleepMax)
 	b.executorName(&cfg.ExecutorName)
+	b.runLimits(&cfg.RunLimits)
 	b.timer(&cfg.StaleAfter, &cfg.MaxIdle)
 	b.scheduler(&cfg.RequestQueue, &cfg.MaxDepth, &cfg.MaxTreeRuns)
 	b.namespaceRate(&cfg.NamespaceRate)
@@ -606,6 +615,29 @@ func (b *binder) executorName(name *string) {
 			return nil
 		}
 		return wire.ValidateName("executor", *name)
+	})
+}
+
+// runLimits binds the limits an executor enforces on what one run records.
+func (b *binder) runLimits(l *wire.Limits) {
+	d := wire.DefaultLimits()
+	b.integer(&l.MaxSteps, "max-steps", "KAGZI_MAX_STEPS", d.MaxSteps,
+		"steps (and sleeps) one run may record; the next one fails the run")
+	b.integer(&l.MaxStepOutputBytes, "max-step-output", "KAGZI_MAX_STEP_OUTPUT", d.MaxStepOutputBytes,
+		"bytes of one step's recorded output; a larger output fails the run")
+	b.integer(&l.MaxRunStateBytes, "max-run-state", "KAGZI_MAX_RUN_STATE", d.MaxRunStateBytes,
+		"bytes of a run's input and recorded outputs together; a step that would exceed it fails the run")
+	b.check(func() error {
+		var errs []error
+		for _, v := range []struct {
+			name string
+			n    int
+		}{{"max-steps", l.MaxSteps}, {"max-step-output", l.MaxStepOutputBytes}, {"max-run-state", l.MaxRunStateBytes}} {
+			if v.n < 1 {
+				errs = append(errs, fmt.Errorf("%s %d: want at least 1", v.name, v.n))
+			}
+		}
+		return errors.Join(errs...)
 	})
 }
 

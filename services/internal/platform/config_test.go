@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"go.uber.org/zap/zapcore"
+
+	"github.com/kagzi/kagzi/libs/wire"
 )
 
 func env(kv ...string) LookupEnv {
@@ -45,6 +47,10 @@ func TestDefaults(t *testing.T) {
 	}
 	if cfg.Concurrency != 1000 || cfg.Lease != 30*time.Second || cfg.ShutdownGrace != 25*time.Second || cfg.Name != "" {
 		t.Errorf("executor = %d %s %s", cfg.Concurrency, cfg.Lease, cfg.ShutdownGrace)
+	}
+	if d := wire.DefaultLimits(); cfg.Limits.MaxSteps != d.MaxSteps || cfg.Limits.MaxStepOutputBytes != d.MaxStepOutputBytes ||
+		cfg.Limits.MaxRunStateBytes != d.MaxRunStateBytes {
+		t.Errorf("executor limits = %+v", cfg.Limits)
 	}
 
 	tc, err := LoadTimer(Source{})
@@ -154,11 +160,11 @@ func TestDevEmbedsNATSUnlessURLGiven(t *testing.T) {
 func TestDevSplitsIntoServiceConfigs(t *testing.T) {
 	t.Parallel()
 	cfg, err := LoadDev(Source{Args: []string{"--concurrency", "3", "--stale-after", "5s", "--namespace", "ns1", "--request-queue", "9"},
-		Env: env("KAGZI_EXECUTOR_NAME", "laptop")})
+		Env: env("KAGZI_EXECUTOR_NAME", "laptop", "KAGZI_MAX_STEPS", "40")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if e := cfg.Executor(); e.Concurrency != 3 || e.Namespace != "ns1" || e.Name != "laptop" {
+	if e := cfg.Executor(); e.Concurrency != 3 || e.Namespace != "ns1" || e.Name != "laptop" || e.Limits.MaxSteps != 40 {
 		t.Errorf("executor = %+v", e)
 	}
 	if tc := cfg.Timer(); tc.StaleAfter != 5*time.Second || tc.Namespace != "ns1" {
@@ -210,6 +216,7 @@ func TestBadConfiguration(t *testing.T) {
 		{"log level", Source{Env: env("KAGZI_LOG_LEVEL", "loud", "KAGZI_LOG_FORMAT", "xml")}, []string{`log level "loud"`, `log format "xml"`}},
 		{"namespace", Source{Env: env("KAGZI_NAMESPACE", "a.b")}, []string{"namespace"}},
 		{"executor name", Source{Env: env("KAGZI_EXECUTOR_NAME", "pod/0")}, []string{`executor name "pod/0"`}},
+		{"run limits", Source{Env: env("KAGZI_MAX_STEPS", "0", "KAGZI_MAX_RUN_STATE", "-5")}, []string{"max-steps 0", "max-run-state -5"}},
 		{"http addr", Source{Env: env("KAGZI_HTTP_ADDR", "9103")}, []string{"http address"}},
 		{"nats scheme", Source{Env: env("NATS_URL", "http://127.0.0.1:4222")}, []string{`scheme "http"`}},
 		{"nats url", Source{Env: env("NATS_URL", "127.0.0.1")}, []string{"is not a URL"}},

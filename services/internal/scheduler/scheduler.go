@@ -80,25 +80,7 @@ const (
 )
 
 func (c Config) withDefaults() Config {
-	d := wire.DefaultLimits()
-	if c.Limits.MaxInputBytes <= 0 {
-		c.Limits.MaxInputBytes = d.MaxInputBytes
-	}
-	if c.Limits.MaxStepOutputBytes <= 0 {
-		c.Limits.MaxStepOutputBytes = d.MaxStepOutputBytes
-	}
-	if c.Limits.MaxRunStateBytes <= 0 {
-		c.Limits.MaxRunStateBytes = d.MaxRunStateBytes
-	}
-	if c.Limits.MaxSteps <= 0 {
-		c.Limits.MaxSteps = d.MaxSteps
-	}
-	if c.Limits.MaxDepth <= 0 {
-		c.Limits.MaxDepth = d.MaxDepth
-	}
-	if c.Limits.MaxTreeRuns <= 0 {
-		c.Limits.MaxTreeRuns = d.MaxTreeRuns
-	}
+	c.Limits = c.Limits.OrDefaults()
 	if c.DefaultMaxAttempts <= 0 {
 		c.DefaultMaxAttempts = 5
 	}
