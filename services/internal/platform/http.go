@@ -77,13 +77,19 @@ func NewHTTPServer(addr string, reg *prometheus.Registry, log *zap.Logger, check
 
 // ServeProfiler adds Go's profiler under /debug/pprof/ (net/http/pprof's handlers, on
 // this server's mux rather than the process-wide default one). Call it before Start.
+// A CPU profile or trace streams for as long as asked, and net/http/pprof refuses one
+// longer than the write timeout: the timeout becomes profileMax.
 func (s *HTTPServer) ServeProfiler() {
+	s.srv.WriteTimeout = max(s.srv.WriteTimeout, profileMax)
 	s.mux.HandleFunc("GET /debug/pprof/", pprof.Index)
 	s.mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
 	s.mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
 	s.mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
 	s.mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 }
+
+// profileMax is the longest CPU profile or trace the profiler serves (less a little).
+const profileMax = 5 * time.Minute
 
 // readyz runs every check with a short deadline: a probe that hangs is as bad as a
 // failing one, and the prober has its own timeout.

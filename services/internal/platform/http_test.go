@@ -98,4 +98,9 @@ func TestHTTPServerProfiler(t *testing.T) {
 	if code != 200 || len(body) == 0 {
 		t.Errorf("cpu profile = %d, %d bytes", code, len(body))
 	}
+	// net/http/pprof refuses a profile longer than the write timeout.
+	if plain.srv.WriteTimeout >= profileMax || profiled.srv.WriteTimeout != profileMax {
+		t.Errorf("write timeouts %s without the profiler, %s with it; want %s only with it",
+			plain.srv.WriteTimeout, profiled.srv.WriteTimeout, profileMax)
+	}
 }
