@@ -169,7 +169,8 @@ func (c *Client) startRequest(ctx context.Context, workflow string, input any, o
 
 // Submit starts a run without waiting for a scheduler: the start is published to the
 // submit stream, which holds it until a scheduler has committed it (so it works while no
-// scheduler is up), and Submit returns once JetStream has stored it. The returned id is
+// scheduler is up), and Submit returns once JetStream has stored it; while no stream
+// takes it (no Kagzi service has made one yet), it waits, until ctx ends. The returned id is
 // the id the new run gets, and this client's Wait and Result wait for it even before a
 // scheduler has committed it. With an idempotency key that an earlier start already used,
 // no run is made and that id names nothing (Wait then ends with ErrRunNotFound once a
@@ -181,6 +182,9 @@ func (d *WorkflowDef[I, O]) Submit(ctx context.Context, c *Client, in I, opts ..
 	}
 	return &Run[O]{ID: id, client: c}, nil
 }
+
+// submitRetryWait spaces the publishes of a submit that found no stream to take it.
+const submitRetryWait = 100 * time.Millisecond
 
 // SubmitByName is Submit for a workflow known by name.
 func (c *Client) SubmitByName(ctx context.Context, workflow string, input any, opts ...StartOption) (string, error) {
@@ -198,7 +202,16 @@ func (c *Client) SubmitByName(ctx context.Context, workflow string, input any, o
 	}
 	// The request id doubles as the JetStream de-duplication id, so a retried publish
 	// is stored once.
-	ack, err := js.Publish(ctx, wire.SubmitSubject(req.Namespace, workflow), body, jetstream.WithMsgID(req.RequestID))
+	// Until a service has made the submit stream (none started yet, or a broker that
+	// lost it and waits for one to make it again) nobody answers the publish: it is
+	// tried again until ctx ends, as Start waits for a scheduler.
+	var ack *jetstream.PubAck
+	for {
+		ack, err = js.Publish(ctx, wire.SubmitSubject(req.Namespace, workflow), body, jetstream.WithMsgID(req.RequestID))
+		if !errors.Is(err, jetstream.ErrNoStreamResponse) || !sleepCtx(ctx, submitRetryWait) {
+			break
+		}
+	}
 	if err != nil {
 		return "", fmt.Errorf("submit %s: %w: %v", workflow, wire.ErrUnavailable, err)
 	}

@@ -147,12 +147,15 @@ func (n *nameLock) attempt(ctx context.Context) lockState {
 	return lockHeld
 }
 
-func sleepCtx(ctx context.Context, d time.Duration) {
+// sleepCtx waits d; false when ctx ended first.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
+		return true
 	case <-ctx.Done():
+		return false
 	}
 }
 

@@ -304,17 +304,32 @@ func TestSubmitWhileNoSchedulerIsUp(t *testing.T) {
 
 // A run just submitted is waited for, not "not found", while its start waits for a
 // scheduler; a submit that made no run (its idempotency key names a run of another
-// input) ends the wait with ErrRunNotFound once a scheduler has refused it.
+// input) ends the wait with ErrRunNotFound once a scheduler has refused it. A submit
+// made before any service has made the submit stream waits for it.
 func TestWaitForASubmittedRun(t *testing.T) {
 	t.Parallel()
 	s := newSystem(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	early := make(chan error, 1)
+	go func() {
+		id, err := s.client.SubmitByName(ctx, "e2e-steps", map[string]any{"steps": 1})
+		if err == nil {
+			var info *sdk.RunInfo
+			if info, err = s.client.Wait(ctx, id); err == nil && info.Status != wire.StatusCompleted {
+				err = fmt.Errorf("status %s", info.Status)
+			}
+		}
+		early <- err
+	}()
+	// Longer than nats.go retries a publish that nobody answers (2 × 250 ms).
+	time.Sleep(time.Second)
 	s.timer()
 	s.executor("exec-a")
 	s.scheduler()
-	// Submit publishes to the submit stream, which exists once a service has started.
-	s.waitUntil("the executor announced itself", 20*time.Second, 1, `SELECT count(*) FROM workers`)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
+	if err := <-early; err != nil {
+		t.Fatalf("submit before any service ran: %v", err)
+	}
 	for i := range 20 {
 		id, err := s.client.SubmitByName(ctx, "e2e-steps", map[string]any{"steps": 1})
 		if err != nil {
