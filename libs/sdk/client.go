@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"runtime"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -68,22 +70,68 @@ func MaxAttempts(n int) StartOption { return func(r *wire.StartRequest) { r.MaxA
 type Run[O any] struct {
 	ID     string
 	client *Client
+	// early listens for the run's done notice since before the run existed (Start makes
+	// it); the first Result takes it.
+	early atomic.Pointer[doneWatch]
 }
 
-// Start starts a run of the workflow and returns once the scheduler has committed it.
-func (d *WorkflowDef[I, O]) Start(ctx context.Context, c *Client, in I, opts ...StartOption) (*Run[O], error) {
-	id, err := c.StartByName(ctx, d.name, in, opts...)
+// doneWatch is a subscription to one run's done notice.
+type doneWatch struct {
+	sub     *nats.Subscription
+	notices chan *nats.Msg
+}
+
+// watchDone subscribes to the done notice of a run of this client's namespace.
+func (c *Client) watchDone(runID string) (*doneWatch, error) {
+	w := &doneWatch{notices: make(chan *nats.Msg, 1)}
+	sub, err := c.nc.ChanSubscribe(wire.DoneSubject(c.namespace, runID), w.notices)
 	if err != nil {
 		return nil, err
 	}
-	return &Run[O]{ID: id, client: c}, nil
+	_ = sub.AutoUnsubscribe(1) // a run ends once; the buffer holds its notice
+	w.sub = sub
+	return w, nil
+}
+
+func (w *doneWatch) stop() { _ = w.sub.Unsubscribe() }
+
+// Start starts a run of the workflow and returns once the scheduler has committed it.
+//
+// It listens for the run's done notice before it sends the start: the run cannot end
+// unheard, so Result need not read the run first to learn whether it ended before
+// Result listened (one round trip through a scheduler and the database fewer). The
+// subscription ends with the notice, with Result, or when the Run is dropped.
+func (d *WorkflowDef[I, O]) Start(ctx context.Context, c *Client, in I, opts ...StartOption) (*Run[O], error) {
+	req, err := c.startRequest(ctx, d.name, in, opts)
+	if err != nil {
+		return nil, err
+	}
+	// Without a watch (the subscription failed), Result reads the run first, as Wait does.
+	watch, _ := c.watchDone(req.RequestID)
+	id, err := c.sendStart(ctx, d.name, req)
+	if err != nil {
+		if watch != nil {
+			watch.stop()
+		}
+		return nil, err
+	}
+	r := &Run[O]{ID: id, client: c}
+	switch {
+	case watch == nil:
+	case id != req.RequestID:
+		watch.stop() // the idempotency key named an earlier run: not the one watched
+	default:
+		r.early.Store(watch)
+		runtime.AddCleanup(r, (*doneWatch).stop, watch)
+	}
+	return r, nil
 }
 
 // Result waits for the run to finish and returns its output; a run that ended FAILED or
 // CANCELLED gives a *RunFailedError.
 func (r *Run[O]) Result(ctx context.Context) (O, error) {
 	var out O
-	info, err := r.client.wait(ctx, r.ID, true)
+	info, err := r.client.wait(ctx, r.ID, true, r.early.Swap(nil))
 	if err != nil {
 		return out, err
 	}
@@ -110,6 +158,11 @@ func (c *Client) StartByName(ctx context.Context, workflow string, input any, op
 	if err != nil {
 		return "", err
 	}
+	return c.sendStart(ctx, workflow, req)
+}
+
+// sendStart sends a built start request to a scheduler and returns the run's id.
+func (c *Client) sendStart(ctx context.Context, workflow string, req wire.StartRequest) (string, error) {
 	body, err := json.Marshal(req)
 	if err != nil {
 		return "", fmt.Errorf("encode start request: %w", err)
@@ -295,14 +348,15 @@ func (c *Client) openPayload(b []byte, ad []byte) []byte {
 // submitted is waited for while its start waits for a scheduler; any other run that does
 // not exist is ErrRunNotFound.
 func (c *Client) Wait(ctx context.Context, runID string) (*RunInfo, error) {
-	return c.wait(ctx, runID, false)
+	return c.wait(ctx, runID, false, nil)
 }
 
 // wait is Wait; outcomeOnly takes the outcome a done notice carries instead of reading
 // the run again (Result needs nothing else), sparing a round trip through a scheduler
-// and the database on the way from the last commit to the caller.
-func (c *Client) wait(ctx context.Context, runID string, outcomeOnly bool) (*RunInfo, error) {
-	notices := make(chan *nats.Msg, 1)
+// and the database on the way from the last commit to the caller. early, when set, has
+// listened since before the run existed: no notice can have been missed, so the run is
+// read only if none comes by the first re-check.
+func (c *Client) wait(ctx context.Context, runID string, outcomeOnly bool, early *doneWatch) (*RunInfo, error) {
 	if err := wire.ValidateName("namespace", c.namespace); err != nil {
 		return nil, fmt.Errorf("wait for run %s: %w", runID, err)
 	}
@@ -310,14 +364,22 @@ func (c *Client) wait(ctx context.Context, runID string, outcomeOnly bool) (*Run
 	if !wire.ValidRunID(runID) {
 		return nil, wire.Errorf(wire.ErrInvalidArgument, "run id %q is not a UUID", runID)
 	}
-	sub, err := c.nc.ChanSubscribe(wire.DoneSubject(c.namespace, runID), notices)
-	if err != nil {
-		return nil, fmt.Errorf("wait for run %s: %w", runID, err)
+	watch := early
+	if watch == nil {
+		var err error
+		if watch, err = c.watchDone(runID); err != nil {
+			return nil, fmt.Errorf("wait for run %s: %w", runID, err)
+		}
 	}
-	defer sub.Unsubscribe() //nolint:errcheck // nothing to do about a failed unsubscribe
+	defer watch.stop()
 	recheck := 500 * time.Millisecond
-	for {
-		info, pending, err := c.describe(ctx, runID)
+	for read := early == nil; ; read = true {
+		info := &RunInfo{ID: runID, Namespace: c.namespace}
+		var pending bool
+		var err error
+		if read {
+			info, pending, err = c.describe(ctx, runID)
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -331,7 +393,7 @@ func (c *Client) wait(ctx context.Context, runID string, outcomeOnly bool) (*Run
 		}
 		t := time.NewTimer(recheck)
 		select {
-		case m := <-notices:
+		case m := <-watch.notices:
 			if done, ok := outcome(m, info); ok && outcomeOnly {
 				t.Stop()
 				c.openOutcome(done)

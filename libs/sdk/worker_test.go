@@ -395,6 +395,12 @@ func TestIdempotentStart(t *testing.T) {
 	if err != nil || r2.ID != r1.ID {
 		t.Fatalf("second start = %v, %v; want run %s", r2, err, r1.ID)
 	}
+	// The second start listened for a run that was never made: its Result waits for
+	// the existing run instead.
+	e.worker(t, []sdk.Registration{wf})
+	if out, err := r2.Result(ctxT(t)); err != nil || out != "a" {
+		t.Fatalf("result of the second start = %q, %v; want the first run's a", out, err)
+	}
 	if _, err := wf.Start(ctxT(t), c, "b", sdk.IdempotencyKey("order-42")); !errors.Is(err, sdk.ErrIdempotencyConflict) {
 		t.Fatalf("start with another input: err = %v, want ErrIdempotencyConflict", err)
 	}
@@ -496,9 +502,10 @@ func TestLastStepCommitsWithTheCompletion(t *testing.T) {
 	}
 }
 
-// Result takes a finished run's outcome from its done notice: one read of the run (made
-// when the wait begins, in case it finished already) and none after the notice, whether
-// the run completed or failed.
+// Result takes a finished run's outcome from its done notice, whether the run completed
+// or failed. On the Run that Start returned it reads nothing: Start listened for the
+// notice before the run existed. A later Result (the notice taken) reads the run once,
+// in case it finished already, as Wait does.
 func TestResultTakesTheOutcomeFromTheDoneNotice(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
@@ -522,7 +529,7 @@ func TestResultTakesTheOutcomeFromTheDoneNotice(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Both wait before their runs can finish: each reads its run once, then only listens.
+	// Both wait before their runs can finish, and only listen.
 	time.AfterFunc(300*time.Millisecond, func() { close(release) })
 	type res struct {
 		out string
@@ -541,8 +548,11 @@ func TestResultTakesTheOutcomeFromTheDoneNotice(t *testing.T) {
 			t.Errorf("failed run: %v", r.err)
 		}
 	}
-	if n := e.describes.Load(); n != 2 {
-		t.Errorf("%d describe requests for two waits, want 2: the outcome comes with the notice", n)
+	if n := e.describes.Load(); n != 0 {
+		t.Errorf("%d describe requests for two results of runs just started, want 0: the outcome comes with the notice", n)
+	}
+	if out, err := run.Result(ctxT(t)); err != nil || out != "hi!" || e.describes.Load() != 1 {
+		t.Errorf("a second result = %q, %v after %d describes; want hi! after 1", out, err, e.describes.Load())
 	}
 }
 
