@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"io/fs"
@@ -136,7 +137,7 @@ func runS07(t *testing.T, key []byte) s07Result {
 	if info, err := st.Info(ctx); err != nil || info.State.Msgs != 1 {
 		t.Fatalf("submit stream holds %v starts (%v), want the 1 submitted", info, err)
 	}
-	files, n := countInFiles(t, natsProc.StoreDir, []byte(marker))
+	files, n := countInFiles(t, natsProc.StoreDir, marker)
 	if files == 0 {
 		t.Fatalf("no files in the JetStream store directory %s", natsProc.StoreDir)
 	}
@@ -184,13 +185,13 @@ func runS07(t *testing.T, key []byte) s07Result {
 	natsProc.Stop(20 * time.Second)
 	for _, p := range append(procs, natsProc.Process) {
 		log := p.Log()
-		res.found["the log of "+p.Name] = strings.Count(log, marker)
+		res.found["the log of "+p.Name] = countMarker([]byte(log), marker)
 		// The services log JSON; an empty log or one without info lines proves nothing.
 		if p.Name != "nats-server" && !strings.Contains(log, `"level":"info"`) {
 			t.Errorf("%s logged no info line:\n%s", p.Name, log)
 		}
 	}
-	files, res.found["the JetStream store at the end"] = countInFiles(t, natsProc.StoreDir, []byte(marker))
+	files, res.found["the JetStream store at the end"] = countInFiles(t, natsProc.StoreDir, marker)
 	res.found["pg_dump"] = countInDump(t, dbURL, marker)
 	t.Logf("marker %s found: %v (%d store files scanned); swap detected %d/1, bodies after the swap %d",
 		marker, res.found, files, res.swapDetected, res.bodiesAfterSwap)
@@ -231,9 +232,9 @@ func swapSteps(t *testing.T, ctx context.Context, client *sdk.Client, oracle *te
 	return detected, bodies
 }
 
-// countInFiles counts occurrences of needle in the raw bytes of every regular file under
-// dir, and the files it read.
-func countInFiles(t *testing.T, dir string, needle []byte) (files, n int) {
+// countInFiles counts the marker (countMarker) in the raw bytes of every regular file
+// under dir.
+func countInFiles(t *testing.T, dir, marker string) (files, n int) {
 	t.Helper()
 	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil || !d.Type().IsRegular() {
@@ -244,7 +245,7 @@ func countInFiles(t *testing.T, dir string, needle []byte) (files, n int) {
 			return err
 		}
 		files++
-		n += bytes.Count(b, needle)
+		n += countMarker(b, marker)
 		return nil
 	})
 	if err != nil {
@@ -253,8 +254,38 @@ func countInFiles(t *testing.T, dir string, needle []byte) (files, n int) {
 	return files, n
 }
 
-// countInDump counts the marker in a plain-format pg_dump of the database, as text and
-// in the hex form pg_dump writes bytea columns in (inputs and outputs are bytea).
+// countMarker counts the marker in b as text, hex-encoded (pg_dump's bytea) and
+// base64-encoded (encoding/json's []byte) at each of the three offsets it can have
+// within a longer encoded value, in the standard and URL alphabets.
+func countMarker(b []byte, marker string) int {
+	n := bytes.Count(b, []byte(marker)) + bytes.Count(b, []byte(hex.EncodeToString([]byte(marker))))
+	for _, enc := range []*base64.Encoding{base64.StdEncoding, base64.URLEncoding} {
+		for _, needle := range base64Forms(enc, []byte(marker)) {
+			n += bytes.Count(b, needle)
+		}
+	}
+	return n
+}
+
+// base64Forms are the encoded forms of m inside any longer input: for each offset of m
+// within a 3-byte group, the characters that only m's bytes determine (the group it
+// shares with the bytes before it and the partial group at its end are left out).
+func base64Forms(enc *base64.Encoding, m []byte) [][]byte {
+	var forms [][]byte
+	for off := range 3 {
+		full := enc.EncodeToString(append(make([]byte, off), m...))
+		start, end := 0, (off+len(m))/3*4
+		if off > 0 {
+			start = 4
+		}
+		forms = append(forms, []byte(full[start:end]))
+	}
+	return forms
+}
+
+// countInDump counts the marker (countMarker) in a plain-format pg_dump of the database:
+// as text, and in the hex form pg_dump writes bytea columns in (inputs and outputs are
+// bytea).
 func countInDump(t *testing.T, dbURL, marker string) int {
 	t.Helper()
 	out, err := exec.Command(pgDumpPath(t), "--no-owner", "--dbname="+dbURL).Output()
@@ -268,7 +299,7 @@ func countInDump(t *testing.T, dbURL, marker string) int {
 	if !bytes.Contains(out, []byte("CREATE TABLE public.workflow_runs")) {
 		t.Fatalf("pg_dump output holds no workflow_runs table:\n%.2000s", out)
 	}
-	return bytes.Count(out, []byte(marker)) + bytes.Count(out, []byte(hex.EncodeToString([]byte(marker))))
+	return countMarker(out, marker)
 }
 
 func pgDumpPath(t *testing.T) string {
@@ -281,4 +312,24 @@ func pgDumpPath(t *testing.T) string {
 	}
 	t.Fatal("pg_dump not found")
 	return ""
+}
+
+// The scan finds the marker base64-encoded inside a longer value, wherever it starts.
+func TestCountMarkerFindsEncodedForms(t *testing.T) {
+	t.Parallel()
+	marker := "KAGZI-SECRET-" + wire.NewRunID()
+	for off := range 6 {
+		value := append(append(bytes.Repeat([]byte{'x'}, off), marker...), `","more":1}`...)
+		for _, enc := range []*base64.Encoding{base64.StdEncoding, base64.URLEncoding, base64.RawStdEncoding} {
+			if n := countMarker([]byte(`{"input":"`+enc.EncodeToString(value)+`"}`), marker); n == 0 {
+				t.Errorf("marker at offset %d, base64-encoded: not found", off)
+			}
+		}
+	}
+	if n := countMarker([]byte(hex.EncodeToString([]byte("\\x"+marker))), marker); n == 0 {
+		t.Error("marker hex-encoded: not found")
+	}
+	if n := countMarker([]byte(`{"input":"`+base64.StdEncoding.EncodeToString([]byte("KAGZI-SECRET-something-else"))+`"}`), marker); n != 0 {
+		t.Errorf("another value: %d occurrences found", n)
+	}
 }
