@@ -266,14 +266,29 @@ WITH r AS (
 )
 SELECT wake_at FROM r`
 
+// A sleep that runSleepSQL already committed under this fence, seen again by its own
+// retry: only a park under the fence makes a run SLEEPING at it, and one execution parks
+// once. Primary-key lookups of the run and of its step.
+const runSleepOwnParkSQL = `
+SELECT r.wake_at FROM workflow_runs r
+JOIN step_runs s ON s.run_id = r.id AND s.step_key = $3
+WHERE r.id = $1 AND r.fence = $2 AND r.status = 'SLEEPING' AND s.kind = 'sleep' AND s.wake_at = r.wake_at`
+
 // RunSleep parks the run until its wake time and releases it. The wake time comes from
-// the database clock.
+// the database clock. A retry of a park that committed though its answer was lost gets
+// the same answer again.
 func (s *Store) RunSleep(ctx context.Context, p RunSleepParams) (wakeAt time.Time, err error) {
 	var until any
 	if p.Until != nil {
 		until = *p.Until
 	}
 	err = s.db.QueryRow(ctx, runSleepSQL, p.RunID, p.Fence, p.StepKey, p.Seq, until, micros(p.Duration)).Scan(&wakeAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		err = s.db.QueryRow(ctx, runSleepOwnParkSQL, p.RunID, p.Fence, p.StepKey).Scan(&wakeAt)
+		if err == nil {
+			return wakeAt, nil
+		}
+	}
 	if errors.Is(err, pgx.ErrNoRows) {
 		return time.Time{}, fmt.Errorf("sleep run %s step %q (fence %d): %w", p.RunID, p.StepKey, p.Fence, wire.ErrLeaseLost)
 	}

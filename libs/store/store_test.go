@@ -102,6 +102,14 @@ func TestClaimFenceAndSteps(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The same park sent again (its answer lost) is answered as the first; another sleep
+	// under the fence of the parked run is refused.
+	if again, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: fp, StepKey: "nap", Seq: 1, Duration: time.Hour}); err != nil || !again.Equal(wake) {
+		t.Fatalf("repeated park = %v, %v; want the first one's %v", again, err, wake)
+	}
+	if _, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: fp, StepKey: "nap#2", Seq: 2, Duration: time.Hour}); !errors.Is(err, wire.ErrLeaseLost) {
+		t.Fatalf("another sleep of the parked run err = %v, want ErrLeaseLost", err)
+	}
 	if due, err := s.RunsWakeDue(ctx, store.SweepParams{Limit: 10}); err != nil || len(due) != 0 {
 		t.Fatalf("wake before due = %v, %v", due, err)
 	}
