@@ -100,7 +100,11 @@ func TestT14PoisonWorkflows(t *testing.T) {
 	total := 2*w + len(kinds)*n
 	// It looks for exits every 10 ms whatever the database does: the count of ended
 	// runs, slow on a loaded machine, is taken beside it, not between two looks.
-	deadline := time.Now().Add(settle)
+	// Under the full chaos run's load the mixed phase has taken over 5 minutes (its p99
+	// alone is 3 to 4): it gets 10, and a phase that outlasts them is tallied as it
+	// stands, its unfinished runs counted stuck, rather than left uncounted.
+	mixedSettle := pick(60*time.Second, 10*time.Minute)
+	deadline := time.Now().Add(mixedSettle)
 	allEnded, stopCounting := make(chan struct{}), make(chan struct{})
 	go func() {
 		for {
@@ -133,10 +137,11 @@ supervise:
 		default:
 		}
 		if time.Now().After(deadline) {
-			close(stopCounting)
-			t.Fatalf("runs still active %s after the mixed start", settle)
+			t.Errorf("runs still active %s after the mixed start; tallied as they stand", mixedSettle)
+			break supervise
 		}
 	}
+	close(stopCounting)
 	sum.Faults = fmt.Sprintf("%d poison runs (%d × panic, step error, infinite loop, os.Exit); %d executor exits, each restarted",
 		len(poisonIDs), n, len(dead))
 	t.Logf("%d executor exits, all restarted", len(dead))
@@ -145,9 +150,14 @@ supervise:
 	// explains.
 	faulted := s.faultedPIDs()
 	tl := s.oracle.Tally(faulted)
-	lostGood := s.oracle.NotCompleted(append(slices.Clone(baseIDs), goodIDs...))
-	sum.fill(tl, lostGood, 6*w+len(poisonIDs))
-	repeats, unexplained := s.repeatsOf(append(slices.Clone(baseIDs), goodIDs...), faulted)
+	allGood := append(slices.Clone(baseIDs), goodIDs...)
+	lostGood := s.oracle.NotCompleted(allGood)
+	// Good runs still active (a mixed phase that outlasted its deadline) are stuck, in
+	// the tally's count, not lost.
+	activeGood := s.oracle.Count(`SELECT count(*) FROM workflow_runs
+		WHERE id = ANY ($1::uuid[]) AND status IN ('QUEUED','RUNNING','SLEEPING','WAITING')`, allGood)
+	sum.fill(tl, lostGood-activeGood, 6*w+len(poisonIDs))
+	repeats, unexplained := s.repeatsOf(allGood, faulted)
 	sum.DupBodies, sum.Unattributed = repeats, unexplained // poison runs repeat step 2 by design
 	t.Logf("tally: %+v; good runs: %d repeated bodies, %d unexplained", tl, repeats, unexplained)
 	expectZero(t, "good runs not COMPLETED", lostGood)
