@@ -93,7 +93,12 @@ func (c *Client) watchDone(runID string) (*doneWatch, error) {
 	return w, nil
 }
 
-func (w *doneWatch) stop() { _ = w.sub.Unsubscribe() }
+// stop ends the subscription; a nil watch has none.
+func (w *doneWatch) stop() {
+	if w != nil {
+		_ = w.sub.Unsubscribe()
+	}
+}
 
 // Start starts a run of the workflow and returns once the scheduler has committed it.
 //
@@ -110,9 +115,7 @@ func (d *WorkflowDef[I, O]) Start(ctx context.Context, c *Client, in I, opts ...
 	watch, _ := c.watchDone(req.RequestID)
 	id, err := c.sendStart(ctx, d.name, req)
 	if err != nil {
-		if watch != nil {
-			watch.stop()
-		}
+		watch.stop()
 		return nil, err
 	}
 	r := &Run[O]{ID: id, client: c}
@@ -374,19 +377,17 @@ func (c *Client) wait(ctx context.Context, runID string, outcomeOnly bool, early
 	defer watch.stop()
 	recheck := 500 * time.Millisecond
 	for read := early == nil; ; read = true {
+		// Unread, or pending (submitted, not committed yet): waited for as a run in
+		// flight, whose done notice or next reading ends the wait.
 		info := &RunInfo{ID: runID, Namespace: c.namespace}
-		var pending bool
-		var err error
 		if read {
-			info, pending, err = c.describe(ctx, runID)
-		}
-		if err != nil {
-			return nil, err
-		}
-		if pending {
-			// Not committed yet: waited for as a run in flight, whose done notice
-			// or next reading ends the wait.
-			info = &RunInfo{ID: runID, Namespace: c.namespace}
+			got, pending, err := c.describe(ctx, runID)
+			if err != nil {
+				return nil, err
+			}
+			if !pending {
+				info = got
+			}
 		}
 		if info.Status.Terminal() {
 			return info, nil
