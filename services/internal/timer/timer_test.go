@@ -199,8 +199,11 @@ func TestHintedSleeperWakesOnTime(t *testing.T) {
 	if late < 0 {
 		t.Fatalf("woke %v before its wake time", -late)
 	}
-	if late > 100*time.Millisecond {
-		t.Fatalf("doorbell arrived %v after the wake time, want within 100ms", late)
+	// Only the hint could wake it this soon (MaxIdle is 20 s); the bound leaves a loaded
+	// machine room, as TestSkewedClockWakesOnTimeAndKeepsLeases does. How late a wake
+	// may be is S3's and T11's to measure.
+	if late > 3*time.Second {
+		t.Fatalf("doorbell arrived %v after the wake time, want within 3s", late)
 	}
 	info, err := e.st.RunGet(ctx, wire.DefaultNamespace, d.RunID)
 	if err != nil {
