@@ -19,8 +19,8 @@ import (
 // knobs are the settings the soak and bomb tests (T20, S05) add to the chaos executor.
 type knobs struct {
 	namespace string
-	// limits is the zero value (the SDK's defaults) unless KAGZI_MAX_STEPS is set: the
-	// SDK takes a Limits as a whole, so one field set means every other one spelled out.
+	// limits sets MaxSteps when KAGZI_MAX_STEPS is set; the SDK fills every zero field
+	// with its default (wire.Limits.OrDefaults).
 	limits      wire.Limits
 	poolConns   int32 // the worker's pool
 	effectConns int32 // the oracle's pool
@@ -39,7 +39,6 @@ func readKnobs() (knobs, error) {
 		if err != nil || n <= 0 {
 			return k, fmt.Errorf("KAGZI_MAX_STEPS %q: want a positive integer", v)
 		}
-		k.limits = wire.DefaultLimits()
 		k.limits.MaxSteps = n
 	}
 	for _, c := range []struct {
