@@ -111,6 +111,10 @@ func TestBenchTinyLoad(t *testing.T) {
 	}
 	if r := rep.S2; r == nil || r.Client.Count != 5 || r.Client.P50 <= 0 || r.Server.Count != 5 {
 		t.Errorf("S2: %+v", r)
+	} else if st := r.Stages; st == nil || st.CreatedToClaimed <= 0 || st.ClaimedToFirstStep <= 0 || st.StepToStep <= 0 ||
+		st.LastStepToFinished != 0 {
+		// The last step of bench-noop3 is written in the completion's transaction.
+		t.Errorf("S2 stages: %+v; want each positive but the last, which is 0", st)
 	}
 	// A sleeper that went on before its wake time would break a guarantee, not a target.
 	if r := rep.S3; r == nil || r.Defaults.Lateness.Count != 10 || r.Defaults.Early != 0 ||

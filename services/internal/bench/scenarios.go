@@ -289,8 +289,53 @@ type Latency struct {
 	Warmup        int         `json:"warmup_runs"` // run first and not counted
 	Client        Percentiles `json:"client_start_to_result"`
 	Server        Percentiles `json:"server_created_to_finished"`
+	Stages        *Stages     `json:"server_stages_p50,omitempty"`
 	P50InCommits  float64     `json:"p50_in_1_client_commits,omitempty"`
 	RunsPerSecond float64     `json:"runs_per_s"`
+}
+
+// Stages splits the server side of a run, as its database rows date it, into medians in
+// ms. Each row is dated by the start of the transaction that wrote it, so a stage holds
+// the commit that ends the one before it and whatever ran between the two statements:
+// the broker hops, the executor's own work, a step's body. Where a run's 5 ms go, before
+// anyone guesses.
+type Stages struct {
+	// CreatedToClaimed: the start's commit, the reply, the doorbell through JetStream,
+	// the executor's fetch and the sending of its claim.
+	CreatedToClaimed float64 `json:"created_to_claimed_ms"`
+	// ClaimedToFirstStep: the claim's commit, the replay, the first step's body.
+	ClaimedToFirstStep float64 `json:"claimed_to_first_step_ms"`
+	// StepToStep: a step's commit and the next step's body.
+	StepToStep float64 `json:"step_to_step_ms"`
+	// LastStepToFinished: 0 when the last step commits with the completion, as it does
+	// when the workflow returns right after it.
+	LastStepToFinished float64 `json:"last_step_to_finished_ms"`
+}
+
+// stagesOf reads the Stages of the runs ids, which must have recorded at least one step.
+func stagesOf(ctx context.Context, s *system, ids []string) (*Stages, error) {
+	var st Stages
+	for _, q := range []struct {
+		dst *float64
+		sql string
+	}{
+		{&st.CreatedToClaimed, `SELECT extract(epoch FROM started_at - created_at)::float8 * 1000
+			FROM workflow_runs WHERE id = ANY ($1::uuid[])`},
+		{&st.ClaimedToFirstStep, `SELECT extract(epoch FROM min(s.created_at) - r.started_at)::float8 * 1000
+			FROM workflow_runs r JOIN step_runs s ON s.run_id = r.id WHERE r.id = ANY ($1::uuid[]) GROUP BY r.id, r.started_at`},
+		{&st.StepToStep, `SELECT gap FROM (
+			SELECT extract(epoch FROM created_at - lag(created_at) OVER (PARTITION BY run_id ORDER BY seq))::float8 * 1000 AS gap
+			FROM step_runs WHERE run_id = ANY ($1::uuid[])) g WHERE gap IS NOT NULL`},
+		{&st.LastStepToFinished, `SELECT extract(epoch FROM r.finished_at - max(s.created_at))::float8 * 1000
+			FROM workflow_runs r JOIN step_runs s ON s.run_id = r.id WHERE r.id = ANY ($1::uuid[]) GROUP BY r.id, r.finished_at`},
+	} {
+		vals, err := queryFloats(ctx, s, q.sql, ids)
+		if err != nil {
+			return nil, fmt.Errorf("read the stages of %d runs: %w", len(ids), err)
+		}
+		*q.dst = percentiles(vals).P50
+	}
+	return &st, nil
 }
 
 func (b *bencher) runS2(ctx context.Context) error {
@@ -338,7 +383,11 @@ func (b *bencher) runS2(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("read S2 server-side latencies: %w", err)
 		}
-		r := &Latency{Runs: n, Warmup: warmup, Client: percentiles(lat), Server: percentiles(server),
+		stages, err := stagesOf(ctx, s, ids)
+		if err != nil {
+			return err
+		}
+		r := &Latency{Runs: n, Warmup: warmup, Client: percentiles(lat), Server: percentiles(server), Stages: stages,
 			RunsPerSecond: float64(n) / elapsed.Seconds()}
 		if ref := b.rep.Reference; ref != nil && ref.OneClientMS > 0 {
 			r.P50InCommits = r.Client.P50 / ref.OneClientMS
