@@ -297,13 +297,14 @@ type Latency struct {
 // Stages splits the server side of a run, as its database rows date it, into medians in
 // ms. Each row is dated by the start of the transaction that wrote it, so a stage holds
 // the commit that ends the one before it and whatever ran between the two statements:
-// the broker hops, the executor's own work, a step's body. Where a run's 5 ms go, before
-// anyone guesses.
+// the broker hops, the executor's own work, a step's body. Where a run's milliseconds go,
+// before anyone guesses.
 type Stages struct {
 	// CreatedToClaimed: the start's commit, the reply, the doorbell through JetStream,
 	// the executor's fetch and the sending of its claim.
 	CreatedToClaimed float64 `json:"created_to_claimed_ms"`
-	// ClaimedToFirstStep: the claim's commit, the replay, the first step's body.
+	// ClaimedToFirstStep: the claim's commit, the replay, the first step's body (its
+	// record is written as the run reaches its next durable act).
 	ClaimedToFirstStep float64 `json:"claimed_to_first_step_ms"`
 	// StepToStep: a step's commit and the next step's body.
 	StepToStep float64 `json:"step_to_step_ms"`
