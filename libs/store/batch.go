@@ -48,6 +48,10 @@ const stepsLoadManySQL = `
 SELECT run_id::text, step_key, seq, kind, status, output, coalesce(error, ''), attempt, wake_at, created_at
 FROM step_runs WHERE run_id = ANY ($1::uuid[]) ORDER BY run_id, seq`
 
+// firstDispatchSeq is workflow_runs.dispatch_seq of a run never queued again since its
+// insert (the column's default; every later transition into QUEUED increments it).
+const firstDispatchSeq = 1
+
 type dispatchKey struct {
 	run wire.RunID
 	seq int64
@@ -96,7 +100,12 @@ func (s *Store) RunsClaim(ctx context.Context, namespace, owner string, lease ti
 	}
 	b := &pgx.Batch{}
 	b.Queue(runsClaimSQL, ids, seqs, wfs, owner, micros(lease), namespace)
-	b.Queue(stepsLoadManySQL, ids)
+	// A run's first dispatch is its first claim: it has no steps yet, and a batch of
+	// first dispatches (every start's claim) skips the read.
+	loadSteps := slices.ContainsFunc(seqs, func(seq int64) bool { return seq != firstDispatchSeq })
+	if loadSteps {
+		b.Queue(stepsLoadManySQL, ids)
+	}
 	br := s.db.SendBatch(ctx, b)
 	defer br.Close()
 
@@ -118,23 +127,24 @@ func (s *Store) RunsClaim(ctx context.Context, namespace, owner string, lease ti
 	if err := rows.Err(); err != nil {
 		return fail(err)
 	}
-	rows, err = br.Query()
-	if err != nil {
-		return fail(err)
-	}
-	for rows.Next() {
-		var id string
-		var st Step
-		if err := rows.Scan(&id, &st.Key, &st.Seq, &st.Kind, &st.Status, &st.Output, &st.Error, &st.Attempt, &st.WakeAt, &st.CreatedAt); err != nil {
-			rows.Close()
+	if loadSteps {
+		if rows, err = br.Query(); err != nil {
 			return fail(err)
 		}
-		if run := claimed[id]; run != nil {
-			run.Steps = append(run.Steps, st)
+		for rows.Next() {
+			var id string
+			var st Step
+			if err := rows.Scan(&id, &st.Key, &st.Seq, &st.Kind, &st.Status, &st.Output, &st.Error, &st.Attempt, &st.WakeAt, &st.CreatedAt); err != nil {
+				rows.Close()
+				return fail(err)
+			}
+			if run := claimed[id]; run != nil {
+				run.Steps = append(run.Steps, st)
+			}
 		}
-	}
-	if err := rows.Err(); err != nil {
-		return fail(err)
+		if err := rows.Err(); err != nil {
+			return fail(err)
+		}
 	}
 	if err := br.Close(); err != nil {
 		return fail(err)

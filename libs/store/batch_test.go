@@ -84,6 +84,22 @@ func TestBatchClaimStepsComplete(t *testing.T) {
 	if !reclaim[0].OK || len(reclaim[0].Run.Steps) != 2 || reclaim[0].Run.Fence != 2 {
 		t.Fatalf("re-claim = %+v", reclaim[0])
 	}
+	// A batch of a first dispatch and a later one: only the later run has steps, and
+	// gets them (a batch of first dispatches only does not read steps at all).
+	fp = store.FencedParams{RunID: reclaim[0].Run.ID, Fence: reclaim[0].Run.Fence}
+	if _, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: fp, StepKey: "nap2", Seq: 2}); err != nil {
+		t.Fatal(err)
+	}
+	if due, err = s.RunsWakeDue(ctx, store.SweepParams{Limit: 10}); err != nil || len(due) != 1 {
+		t.Fatalf("wake = %v, %v", due, err)
+	}
+	fresh := insertRun(t, s, "fresh")
+	mixed := s.RunsClaim(ctx, "default", "exec", time.Minute, []store.ClaimRequest{
+		{RunID: fresh.RunID, DispatchSeq: fresh.DispatchSeq, Workflow: "wf"},
+		{RunID: due[0].RunID, DispatchSeq: due[0].DispatchSeq, Workflow: "wf"}})
+	if !mixed[0].OK || len(mixed[0].Run.Steps) != 0 || !mixed[1].OK || len(mixed[1].Run.Steps) != 3 {
+		t.Fatalf("mixed claim = %+v", mixed)
+	}
 }
 
 func TestRunsInsertBatch(t *testing.T) {
