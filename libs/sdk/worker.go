@@ -560,6 +560,7 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 		return
 	}
 	alone := false
+	var admitted func() // gives back the gate's unit a non-suspect run takes before its claim
 	if w.suspect(task.Lapses) {
 		// Room is made before the claim: while the other runs finish, the run is not
 		// held, so should this executor die meanwhile it costs the run no attempt.
@@ -569,7 +570,13 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 		}
 		defer done()
 		alone = true
-	} else if w.isolating.Load() {
+	} else if w.gate.TryAcquire(1) {
+		// Admitted before the claim, not after: a run that waits to run alone waits for
+		// this one too, instead of the claim finding it there and handing the run back
+		// (a write, and a trip to the back of the queue).
+		admitted = sync.OnceFunc(func() { w.gate.Release(1) })
+		defer admitted()
+	} else {
 		// A run waits here to run alone, or runs alone: the doorbell goes to another
 		// executor rather than wait beside it.
 		_ = msg.NakWithDelay(100 * time.Millisecond)
@@ -604,7 +611,7 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 	_ = msg.Ack()
 	w.metrics.claimed.Add(1)
 	w.hintLease(run.LeaseExpiresAt)
-	w.execute(def, run, claimSent, alone)
+	w.execute(def, run, claimSent, alone, admitted)
 }
 
 // recheckClaim settles a claim that came back with an error. The claim may have committed
@@ -650,8 +657,10 @@ func (w *Worker) executing(id wire.RunID, fence int64) bool {
 	return rc != nil && rc.run.Fence == fence
 }
 
-// execute replays a claimed run to its next stopping point.
-func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.Time, alone bool) {
+// execute replays a claimed run to its next stopping point. alone: it runs alone, room
+// made; admitted (non-nil): it holds a unit of the gate, which is enough unless the
+// claim says it must run alone after all.
+func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.Time, alone bool, admitted func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	rc := &runContext{
@@ -689,10 +698,15 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 		w.mu.Unlock()
 		w.metrics.inFlight.Add(-1)
 	}()
-	if alone {
+	switch {
+	case alone:
 		w.metrics.ranAlone.Add(1)
 		rc.log.Info("running alone: its last attempts ended with their lease lapsing", "lapses", run.Lapses)
-	} else {
+	case admitted != nil && !w.suspect(run.Lapses):
+	default:
+		if admitted != nil {
+			admitted() // admit takes the whole gate for a suspect: its own unit first
+		}
 		done, ok := w.admit(rc)
 		if !ok {
 			return
