@@ -243,6 +243,16 @@ supervise:
 		return slices.Contains(lapsed, id)
 	}))
 	s.logT14Timeline(goodIDs, poisonIDs, exits)
+	// The tail itself: what the slowest good runs went through, each transition at its
+	// time since the run's start, with the attempt it began and the pid that held it.
+	for _, line := range s.lines(`SELECT format('slow good run %s, %s s: %s', r.id, round(extract(epoch FROM r.finished_at - r.created_at)::numeric, 3),
+			string_agg(format('%s %s a%s%s', to_char(extract(epoch FROM c.at - r.created_at), 'FM990.000'), c.new_status, c.attempt,
+			coalesce(' ' || nullif(split_part(split_part(c.lease_owner, '/', 2), '-', 1), ''), '')), ', ' ORDER BY c.id))
+			FROM workflow_runs r JOIN test_transitions c ON c.run_id = r.id
+			WHERE r.id = ANY ($1::uuid[]) AND r.finished_at IS NOT NULL
+			GROUP BY r.id, r.created_at, r.finished_at ORDER BY r.finished_at - r.created_at DESC LIMIT 8`, goodIDs) {
+		t.Log(line)
+	}
 	sum.Faults += fmt.Sprintf("; good-run p99 %.1f× the poison-free one", p99/baseP99)
 	// What sets the tail, measured at the chaos size (the timeline above shows it):
 	//   - the runs handed back after a death are published at the back of the queue,
