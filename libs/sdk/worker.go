@@ -559,8 +559,9 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 		_ = msg.NakWithDelay(time.Second)
 		return
 	}
-	alone := false
-	var admitted func() // gives back the gate's unit a non-suspect run takes before its claim
+	// admitted gives back the gate's unit a run takes before its claim; nil: the run
+	// runs alone, room made.
+	var admitted func()
 	if w.suspect(task.Lapses) {
 		// Room is made before the claim: while the other runs finish, the run is not
 		// held, so should this executor die meanwhile it costs the run no attempt.
@@ -569,7 +570,6 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 			return
 		}
 		defer done()
-		alone = true
 	} else if w.gate.TryAcquire(1) {
 		// Admitted before the claim, not after: a run that waits to run alone waits for
 		// this one too, instead of the claim finding it there and handing the run back
@@ -611,7 +611,7 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 	_ = msg.Ack()
 	w.metrics.claimed.Add(1)
 	w.hintLease(run.LeaseExpiresAt)
-	w.execute(def, run, claimSent, alone, admitted)
+	w.execute(def, run, claimSent, admitted)
 }
 
 // recheckClaim settles a claim that came back with an error. The claim may have committed
@@ -657,10 +657,10 @@ func (w *Worker) executing(id wire.RunID, fence int64) bool {
 	return rc != nil && rc.run.Fence == fence
 }
 
-// execute replays a claimed run to its next stopping point. alone: it runs alone, room
-// made; admitted (non-nil): it holds a unit of the gate, which is enough unless the
-// claim says it must run alone after all.
-func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.Time, alone bool, admitted func()) {
+// execute replays a claimed run to its next stopping point. admitted nil: it runs
+// alone, room made; else it holds a unit of the gate, which is enough unless the claim
+// says it must run alone after all.
+func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.Time, admitted func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	rc := &runContext{
@@ -699,15 +699,15 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 		w.metrics.inFlight.Add(-1)
 	}()
 	switch {
-	case alone:
+	case admitted == nil:
 		w.metrics.ranAlone.Add(1)
 		rc.log.Info("running alone: its last attempts ended with their lease lapsing", "lapses", run.Lapses)
-	case admitted != nil && !w.suspect(run.Lapses):
+	case !w.suspect(run.Lapses):
 	default:
-		if admitted != nil {
-			admitted() // admit takes the whole gate for a suspect: its own unit first
-		}
-		done, ok := w.admit(rc)
+		// Its doorbell did not say it must run alone, its claim does: the whole gate is
+		// taken for it, its own unit first given back.
+		admitted()
+		done, ok := w.admitAlone(rc)
 		if !ok {
 			return
 		}
@@ -728,24 +728,22 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 	}
 }
 
-// admit lets a claimed run execute and returns what to call when it is done. A run
-// whose last IsolateAfterLapses attempts each ended with its lease lapsing is likely
-// what brings its executors down: it runs alone. It waits for the runs in progress for
-// at most a lease (its own lease renewed meanwhile) and is handed back for another
-// executor if they have not finished by then; while it waits or runs, every other run
-// this worker claims is handed back at once. Runs handed back are unstarted and spend no
-// attempt. Not ok: the run was handed back, or lost while it waited.
-func (w *Worker) admit(rc *runContext) (done func(), ok bool) {
-	suspect := w.suspect(rc.run.Lapses)
-	if !suspect || w.cfg.Concurrency == 1 {
+// admitAlone lets a claimed run that must run alone execute, and returns what to call
+// when it is done. A run whose last IsolateAfterLapses attempts each ended with its
+// lease lapsing is likely what brings its executors down. It waits for the runs in
+// progress for at most a lease (its own lease renewed meanwhile) and is handed back for
+// another executor if they have not finished by then; while it waits or runs, every
+// other doorbell this worker fetches is turned away unclaimed. Runs handed back are
+// unstarted and spend no attempt. Not ok: the run was handed back, or lost while it
+// waited.
+func (w *Worker) admitAlone(rc *runContext) (done func(), ok bool) {
+	if w.cfg.Concurrency == 1 {
 		// TryAcquire fails while a run waits to run alone or runs alone.
 		if !w.gate.TryAcquire(1) {
 			w.release(rc, "hand back run beside one that runs alone")
 			return nil, false
 		}
-		if suspect {
-			w.metrics.ranAlone.Add(1) // one slot: it is alone anyway
-		}
+		w.metrics.ranAlone.Add(1) // one slot: it is alone anyway
 		return func() { w.gate.Release(1) }, true
 	}
 	done, err := w.takeAll(rc)
