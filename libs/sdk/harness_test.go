@@ -148,6 +148,11 @@ func (e *env) publish(ds ...store.Dispatch) {
 	_ = e.bus.PublishTasks(context.Background(), bells)
 }
 
+// harnessWakeLead is the lead the harness's timer wakes sleepers and retries with, as
+// the timer service does by default: every sleep and retry test also proves that a run
+// woken ahead of its time goes on no sooner.
+const harnessWakeLead = 250 * time.Millisecond
+
 // runTimer wakes due sleepers and re-queues expired leases every few milliseconds.
 func (e *env) runTimer() (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
@@ -163,7 +168,7 @@ func (e *env) runTimer() (stop func()) {
 				return
 			case <-tick.C:
 			}
-			if ds, err := e.st.RunsWakeDue(ctx, store.SweepParams{Limit: 100}); err == nil {
+			if ds, err := e.st.RunsWakeDue(ctx, store.SweepParams{Limit: 100, WakeLead: harnessWakeLead}); err == nil {
 				e.publish(ds...)
 			}
 			if exp, err := e.st.RunsExpireLeases(ctx, store.SweepParams{Limit: 100}); err == nil {

@@ -302,8 +302,9 @@ func (rc *runContext) sleep(userKey string, d time.Duration, until *time.Time) e
 		if rec.WakeAt == nil || !rec.WakeAt.After(rc.run.DBNow) {
 			return nil
 		}
-		// Claimed before the wake time (a crash during a local sleep, or a stray doorbell).
-		if remaining := rec.WakeAt.Sub(rc.run.DBNow) - rc.w.cfg.Clock.Now().Sub(rc.claimedAt); rc.local(remaining) {
+		// Claimed before the wake time (woken ahead of it and held until it, a crash
+		// during a local sleep, or a stray doorbell).
+		if remaining := rec.WakeAt.Sub(rc.run.DBNow) - rc.w.cfg.Clock.Now().Sub(rc.claimedAt); remaining <= 0 || rc.local(remaining) {
 			rc.waitLocally(remaining)
 			return nil
 		}

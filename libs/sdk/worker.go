@@ -834,6 +834,11 @@ func (w *Worker) invoke(rc *runContext) (out []byte, u *unwind, err error) {
 			err = fmt.Errorf("workflow panicked: %v\n%s", r, debug.Stack())
 		}
 	}()
+	if nb := rc.run.NotBefore; nb != nil {
+		// The timer woke the run ahead of its wake time so that its dispatch and claim
+		// are done by then; it goes on at that time, not before (a sleep's or a retry's).
+		rc.waitLocally(nb.Sub(rc.run.DBNow) - w.cfg.Clock.Now().Sub(rc.claimedAt))
+	}
 	input, err := w.pl.open(rc.run.Input, adInput(rc.run.ID))
 	if err != nil {
 		return nil, nil, Terminal(fmt.Errorf("decode input: %w", err))

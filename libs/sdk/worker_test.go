@@ -228,6 +228,41 @@ func TestRetriesAreBoundedThenFailed(t *testing.T) {
 	}
 }
 
+// The timer wakes a retry ahead of its backoff's end (harnessWakeLead); the attempt
+// starts no sooner than the backoff asked.
+func TestRetryWaitsOutItsBackoff(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	const backoff = 400 * time.Millisecond
+	var (
+		mu    sync.Mutex
+		calls []time.Time
+	)
+	wf := sdk.Workflow("flaky-once", func(ctx sdk.Context, _ struct{}) (int, error) {
+		return sdk.Step(ctx, "call", func(context.Context) (int, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			if calls = append(calls, time.Now()); len(calls) == 1 {
+				return 0, errors.New("downstream unavailable")
+			}
+			return len(calls), nil
+		})
+	})
+	e.worker(t, []sdk.Registration{wf}, func(c *sdk.WorkerConfig) { c.RetryBackoff = backoff })
+	run, err := wf.Start(ctxT(t), e.client(), struct{}{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := run.Result(ctxT(t)); err != nil || got != 2 {
+		t.Fatalf("result = %d, %v; want 2", got, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if gap := calls[1].Sub(calls[0]); gap < backoff {
+		t.Fatalf("second attempt began %v after the first, want at least the %v backoff", gap, backoff)
+	}
+}
+
 func TestTerminalErrorsAndPanics(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)

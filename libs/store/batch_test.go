@@ -85,12 +85,14 @@ func TestBatchClaimStepsComplete(t *testing.T) {
 		t.Fatalf("re-claim = %+v", reclaim[0])
 	}
 	// A batch of a first dispatch and a later one: only the later run has steps, and
-	// gets them (a batch of first dispatches only does not read steps at all).
+	// gets them (a batch of first dispatches only does not read steps at all). The later
+	// one is woken an hour early, and its claim says so.
 	fp = store.FencedParams{RunID: reclaim[0].Run.ID, Fence: reclaim[0].Run.Fence}
-	if _, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: fp, StepKey: "nap2", Seq: 2}); err != nil {
+	wake, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: fp, StepKey: "nap2", Seq: 2, Duration: time.Hour})
+	if err != nil {
 		t.Fatal(err)
 	}
-	if due, err = s.RunsWakeDue(ctx, store.SweepParams{Limit: 10}); err != nil || len(due) != 1 {
+	if due, err = s.RunsWakeDue(ctx, store.SweepParams{Limit: 10, WakeLead: 2 * time.Hour}); err != nil || len(due) != 1 {
 		t.Fatalf("wake = %v, %v", due, err)
 	}
 	fresh := insertRun(t, s, "fresh")
@@ -99,6 +101,9 @@ func TestBatchClaimStepsComplete(t *testing.T) {
 		{RunID: due[0].RunID, DispatchSeq: due[0].DispatchSeq, Workflow: "wf"}})
 	if !mixed[0].OK || len(mixed[0].Run.Steps) != 0 || !mixed[1].OK || len(mixed[1].Run.Steps) != 3 {
 		t.Fatalf("mixed claim = %+v", mixed)
+	}
+	if nb := mixed[1].Run.NotBefore; mixed[0].Run.NotBefore != nil || nb == nil || !nb.Equal(wake) {
+		t.Fatalf("mixed claim NotBefore = %v and %v, want none and %v", mixed[0].Run.NotBefore, nb, wake)
 	}
 }
 

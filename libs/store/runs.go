@@ -128,7 +128,11 @@ type ClaimedRun struct {
 	// Lapses counts the attempts in a row before this one that ended with the lease
 	// lapsing (workflow_runs.lapses): a run with several may be what kills its executor.
 	Lapses int
-	Steps  []Step
+	// NotBefore is the run's wake time when it is still ahead at the claim: the timer
+	// queues sleepers and retries a little early (its WakeLead), and the run goes on no
+	// sooner than this.
+	NotBefore *time.Time
+	Steps     []Step
 }
 
 // The claim names the dispatch it answers (dispatch_seq), so a stale, duplicated or forged
@@ -139,7 +143,8 @@ UPDATE workflow_runs SET
     lease_expires_at = now() + $6::bigint * interval '1 microsecond',
     started_at = coalesce(started_at, now()), updated_at = now()
 WHERE id = $1 AND dispatch_seq = $2 AND namespace = $3 AND workflow = $4 AND status = 'QUEUED'
-RETURNING version, input, attempt, max_attempts, fence, now(), lease_expires_at, lapses`
+RETURNING version, input, attempt, max_attempts, fence, now(), lease_expires_at, lapses,
+    CASE WHEN wake_at > now() THEN wake_at END`
 
 // RunClaim takes a QUEUED run for this executor: status RUNNING, fence+1, a lease from
 // the database clock. ok is false when the dispatch is stale or the run is not QUEUED
@@ -153,7 +158,7 @@ func (s *Store) RunClaim(ctx context.Context, p RunClaimParams) (run ClaimedRun,
 	defer br.Close()
 
 	run = ClaimedRun{ID: p.RunID, Namespace: p.Namespace, Workflow: p.Workflow}
-	err = br.QueryRow().Scan(&run.Version, &run.Input, &run.Attempt, &run.MaxAttempts, &run.Fence, &run.DBNow, &run.LeaseExpiresAt, &run.Lapses)
+	err = br.QueryRow().Scan(&run.Version, &run.Input, &run.Attempt, &run.MaxAttempts, &run.Fence, &run.DBNow, &run.LeaseExpiresAt, &run.Lapses, &run.NotBefore)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return ClaimedRun{}, false, nil
 	}
@@ -363,13 +368,17 @@ func (s *Store) RunsExtendLeases(ctx context.Context, owner string, lease time.D
 type SweepParams struct {
 	Now   *time.Time // nil: the database clock
 	Limit int
+	// WakeLead (RunsWakeDue only) wakes runs due within this much of Now: early enough
+	// for an executor to have them claimed and replayed by their wake time, which it
+	// then waits for (ClaimedRun.NotBefore).
+	WakeLead time.Duration
 }
 
 // Uses workflow_runs_sleeping_wake. SKIP LOCKED lets timer replicas split the work.
 const runsWakeDueSQL = `
 WITH due AS (
     SELECT id FROM workflow_runs
-    WHERE status = 'SLEEPING' AND wake_at <= coalesce($1::timestamptz, now())
+    WHERE status = 'SLEEPING' AND wake_at <= coalesce($1::timestamptz, now()) + $3::bigint * interval '1 microsecond'
     ORDER BY wake_at LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
@@ -381,7 +390,7 @@ RETURNING r.id::text, r.namespace, r.workflow, r.dispatch_seq`
 // RunsWakeDue moves due sleepers and retries to QUEUED and returns the dispatches to
 // announce.
 func (s *Store) RunsWakeDue(ctx context.Context, p SweepParams) ([]Dispatch, error) {
-	return s.queryDispatches(ctx, "wake due runs", runsWakeDueSQL, nowArg(p.Now), p.Limit)
+	return s.queryDispatches(ctx, "wake due runs", runsWakeDueSQL, nowArg(p.Now), p.Limit, micros(p.WakeLead))
 }
 
 // LeaseExpiry is one run whose executor stopped renewing its lease.

@@ -79,7 +79,7 @@ func TestClaimFenceAndSteps(t *testing.T) {
 		t.Fatal("claim with a wrong dispatch_seq succeeded")
 	}
 	run, ok := claim(t, s, d, "a")
-	if !ok || run.Fence != 1 || run.Attempt != 1 || string(run.Input) != `{"a":1}` {
+	if !ok || run.Fence != 1 || run.Attempt != 1 || string(run.Input) != `{"a":1}` || run.NotBefore != nil {
 		t.Fatalf("claim = %+v ok=%v", run, ok)
 	}
 	if _, ok := claim(t, s, d, "b"); ok {
@@ -113,10 +113,14 @@ func TestClaimFenceAndSteps(t *testing.T) {
 	if due, err := s.RunsWakeDue(ctx, store.SweepParams{Limit: 10}); err != nil || len(due) != 0 {
 		t.Fatalf("wake before due = %v, %v", due, err)
 	}
-	later := wake.Add(time.Millisecond)
-	due, err := s.RunsWakeDue(ctx, store.SweepParams{Now: &later, Limit: 10})
+	// A wake lead wakes the run that long ahead of its wake time, and no further ahead.
+	early := wake.Add(-time.Second)
+	if due, err := s.RunsWakeDue(ctx, store.SweepParams{Now: &early, Limit: 10, WakeLead: time.Second - time.Millisecond}); err != nil || len(due) != 0 {
+		t.Fatalf("wake more than the lead ahead = %v, %v", due, err)
+	}
+	due, err := s.RunsWakeDue(ctx, store.SweepParams{Now: &early, Limit: 10, WakeLead: time.Second})
 	if err != nil || len(due) != 1 || due[0].DispatchSeq != 2 {
-		t.Fatalf("wake at due = %+v, %v", due, err)
+		t.Fatalf("wake at due less the lead = %+v, %v", due, err)
 	}
 	if err := s.RunComplete(ctx, fp, []byte(`"late"`)); !errors.Is(err, wire.ErrLeaseLost) {
 		t.Fatalf("complete after sleep err = %v, want ErrLeaseLost", err)
@@ -124,6 +128,10 @@ func TestClaimFenceAndSteps(t *testing.T) {
 	run2, ok := claim(t, s, due[0], "b")
 	if !ok || run2.Fence != 2 || len(run2.Steps) != 2 || run2.Steps[1].Kind != wire.StepKindSleep || !run2.Steps[1].WakeAt.Equal(wake) {
 		t.Fatalf("re-claim = %+v ok=%v", run2, ok)
+	}
+	// Claimed an hour ahead of its wake time: the claim says when it may go on.
+	if run2.NotBefore == nil || !run2.NotBefore.Equal(wake) {
+		t.Fatalf("re-claim NotBefore = %v, want the wake time %v", run2.NotBefore, wake)
 	}
 	fp2 := store.FencedParams{RunID: run.ID, Fence: run2.Fence}
 	if err := s.RunComplete(ctx, fp2, []byte(`"done"`)); err != nil {

@@ -419,7 +419,8 @@ type SleepLateness struct {
 // SleepPath is one pass of S3.
 type SleepPath struct {
 	Lateness Percentiles `json:"lateness"` // step_runs.created_at of the step after the sleep - the sleep's wake_at
-	// TimerPart is workflow_runs.queued_at - wake_at: how late the timer queued the run.
+	// TimerPart is workflow_runs.queued_at - wake_at: when the timer queued the run, from
+	// its wake time (negative: ahead of it, by up to the timer's wake lead).
 	// Parked sleeps only: a sleep waited out in process is never queued.
 	TimerPart *Percentiles `json:"timer_part,omitempty"`
 	Early     int          `json:"woke_early"` // must be 0: a run that went on before its wake time

@@ -55,7 +55,7 @@ func writeTable(w io.Writer, rep *Report) {
 		path := func(p SleepPath) string {
 			out := fmt.Sprintf("p50 %.1f p99 %.1f max %.1f ms", p.Lateness.P50, p.Lateness.P99, p.Lateness.Max)
 			if t := p.TimerPart; t != nil {
-				out += fmt.Sprintf(" (timer's part p50 %.1f p99 %.1f ms)", t.P50, t.P99)
+				out += fmt.Sprintf(" (queued at the wake time %+.1f ms p50, %+.1f ms p99)", t.P50, t.P99)
 			}
 			if p.Early > 0 {
 				out += fmt.Sprintf(", %d WOKE EARLY", p.Early)

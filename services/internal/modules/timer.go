@@ -25,5 +25,9 @@ var TimerModule = fx.Module("timer",
 // timerConfig sets what the operator configures; batch sizes and the periodic checks
 // stay at the timer's own defaults.
 func timerConfig(cfg platform.TimerConfig) timer.Config {
-	return timer.Config{StaleAfter: cfg.StaleAfter, MaxIdle: cfg.MaxIdle}
+	lead := cfg.WakeLead
+	if lead == 0 {
+		lead = -1 // the operator's 0 is "none"; the timer's zero value is its default
+	}
+	return timer.Config{StaleAfter: cfg.StaleAfter, MaxIdle: cfg.MaxIdle, WakeLead: lead}
 }

@@ -47,6 +47,7 @@ import (
 //	KAGZI_MAX_RUN_STATE     --max-run-state           executor, dev
 //	KAGZI_STALE_AFTER       --stale-after             timer, dev
 //	KAGZI_MAX_IDLE          --max-idle                timer, dev
+//	KAGZI_WAKE_LEAD         --wake-lead               timer, dev
 //	KAGZI_DATA_DIR          --data                    dev
 //
 // A bad value is an error that names the variable or flag; the commands exit with code 2
@@ -130,6 +131,7 @@ type TimerConfig struct {
 	Config
 	StaleAfter time.Duration // a QUEUED run unclaimed for this long is dispatched again
 	MaxIdle    time.Duration // the longest the timer sleeps between sweeps
+	WakeLead   time.Duration // sleepers and retries are queued this long before their wake time (0: none)
 }
 
 // ExecutorConfig configures an executor: the reference executor or a user's.
@@ -161,6 +163,7 @@ type DevConfig struct {
 	RunLimits     wire.Limits // ExecutorConfig.Limits of the embedded executor
 	StaleAfter    time.Duration
 	MaxIdle       time.Duration
+	WakeLead      time.Duration
 	RequestQueue  int
 	NamespaceRate int
 	MaxDepth      int
@@ -175,7 +178,7 @@ func (d DevConfig) Scheduler() SchedulerConfig {
 
 // Timer is the timer's share of a dev configuration.
 func (d DevConfig) Timer() TimerConfig {
-	return TimerConfig{Config: d.Config, StaleAfter: d.StaleAfter, MaxIdle: d.MaxIdle}
+	return TimerConfig{Config: d.Config, StaleAfter: d.StaleAfter, MaxIdle: d.MaxIdle, WakeLead: d.WakeLead}
 }
 
 // Executor is the executor's share of a dev configuration.
@@ -219,7 +222,7 @@ func LoadTimer(src Source) (TimerConfig, error) { return loadTimer(newBinder(src
 func loadTimer(b *binder) (TimerConfig, error) {
 	var cfg TimerConfig
 	b.common(&cfg.Config, "timer", DefaultTimerHTTPAddr, "json")
-	b.timer(&cfg.StaleAfter, &cfg.MaxIdle)
+	b.timer(&cfg.StaleAfter, &cfg.MaxIdle, &cfg.WakeLead)
 	if err := b.finish(); err != nil {
 		return TimerConfig{}, err
 	}
@@ -251,7 +254,7 @@ func loadDev(b *binder) (DevConfig, error) {
 	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace, &cfg.LocalSleepMax)
 	b.executorName(&cfg.ExecutorName)
 	b.runLimits(&cfg.RunLimits)
-	b.timer(&cfg.StaleAfter, &cfg.MaxIdle)
+	b.timer(&cfg.StaleAfter, &cfg.MaxIdle, &cfg.WakeLead)
 	b.scheduler(&cfg.RequestQueue, &cfg.MaxDepth, &cfg.MaxTreeRuns)
 	b.namespaceRate(&cfg.NamespaceRate)
 	b.str(&cfg.DataDir, "data", "KAGZI_DATA_DIR", ".kagzi", "directory for the embedded NATS server's JetStream data")
@@ -696,9 +699,14 @@ func (b *binder) namespaceRate(rate *int) {
 	})
 }
 
-func (b *binder) timer(staleAfter, maxIdle *time.Duration) {
+// maxWakeLead is the timer's bound on its wake lead (timer.MaxWakeLead).
+const maxWakeLead = 5 * time.Second
+
+func (b *binder) timer(staleAfter, maxIdle, wakeLead *time.Duration) {
 	b.dur(staleAfter, "stale-after", "KAGZI_STALE_AFTER", 30*time.Second, "re-dispatch a QUEUED run unclaimed for this long")
 	b.dur(maxIdle, "max-idle", "KAGZI_MAX_IDLE", 20*time.Second, "longest wait between timer sweeps")
+	b.dur(wakeLead, "wake-lead", "KAGZI_WAKE_LEAD", 250*time.Millisecond,
+		"queue sleepers and retries this long before their wake time; executors hold them until it (0: none)")
 	b.check(func() error {
 		var errs []error
 		if *staleAfter <= 0 {
@@ -706,6 +714,9 @@ func (b *binder) timer(staleAfter, maxIdle *time.Duration) {
 		}
 		if *maxIdle <= 0 {
 			errs = append(errs, fmt.Errorf("max-idle %s: want a positive duration", *maxIdle))
+		}
+		if *wakeLead < 0 || *wakeLead > maxWakeLead {
+			errs = append(errs, fmt.Errorf("wake-lead %s: want 0 (none) to %s", *wakeLead, maxWakeLead))
 		}
 		return errors.Join(errs...)
 	})

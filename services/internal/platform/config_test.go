@@ -57,7 +57,7 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if tc.StaleAfter != 30*time.Second || tc.MaxIdle != 20*time.Second || tc.HTTPAddr != DefaultTimerHTTPAddr {
+	if tc.StaleAfter != 30*time.Second || tc.MaxIdle != 20*time.Second || tc.WakeLead != 250*time.Millisecond || tc.HTTPAddr != DefaultTimerHTTPAddr {
 		t.Errorf("timer = %+v", tc)
 	}
 	sc, err := LoadScheduler(Source{})
@@ -241,6 +241,18 @@ func TestBadConfiguration(t *testing.T) {
 		}
 		if strings.Contains(err.Error(), "secret") {
 			t.Errorf("%s: error leaks a password: %q", tc.name, err)
+		}
+	}
+}
+
+func TestTimerWakeLead(t *testing.T) {
+	t.Parallel()
+	if cfg, err := LoadTimer(Source{Env: env("KAGZI_WAKE_LEAD", "0")}); err != nil || cfg.WakeLead != 0 {
+		t.Errorf("KAGZI_WAKE_LEAD=0: %v, %v; want no lead", cfg.WakeLead, err)
+	}
+	for _, bad := range []string{"-1ms", "6s"} {
+		if _, err := LoadTimer(Source{Env: env("KAGZI_WAKE_LEAD", bad)}); err == nil || !strings.Contains(err.Error(), "wake-lead "+bad) {
+			t.Errorf("KAGZI_WAKE_LEAD=%s: err = %v, want it refused", bad, err)
 		}
 	}
 }

@@ -29,8 +29,8 @@ func TestSkewedClockWakesOnTimeAndKeepsLeases(t *testing.T) {
 			held := e.insertRun(t, "busy", 5)
 			e.claim(t, held, 30*time.Second)
 			// MaxIdle is far longer than the sleep: the hint, translated through the
-			// timer's clock, must wake the run.
-			e.startTimer(t, timer.Config{MaxIdle: 20 * time.Second, Clock: clock.Offset(off)})
+			// timer's clock, must wake the run (at its wake time: no wake lead).
+			e.startTimer(t, timer.Config{MaxIdle: 20 * time.Second, WakeLead: -1, Clock: clock.Offset(off)})
 
 			d := e.insertRun(t, "nap", 5)
 			run := e.claim(t, d, time.Minute)

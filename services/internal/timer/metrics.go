@@ -21,7 +21,8 @@ type Metrics struct {
 	// Errors counts failed database calls by operation: next_due, sweep, prune.
 	Errors *prometheus.CounterVec
 	// WakeLateness is, for each sweep that wakes runs, how late the earliest of them is
-	// by the database clock at the moment the timer looked.
+	// by the database clock at the moment the timer looked (late on its wake time less
+	// Config.WakeLead, when the timer means to wake it).
 	WakeLateness prometheus.Histogram
 	// EnsureFailures counts failed stream (re)creations.
 	EnsureFailures prometheus.Counter
@@ -60,7 +61,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"op"})),
 		WakeLateness: telemetry.Register(reg, prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "kagzi_wake_lateness_seconds",
-			Help:    "How late the earliest due sleeper was when the timer looked, by the database clock.",
+			Help:    "How late the timer woke the earliest due sleeper (on its wake time less the wake lead), by the database clock.",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 		})),
 		EnsureFailures: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{

@@ -34,24 +34,27 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 	var res sweepResult
 	params := store.SweepParams{Limit: t.cfg.BatchSize}
 	// Only the kinds of work the look found due are swept: a wake-up does not pay for the
-	// lease and reconcile queries (Tick, with no look, sweeps everything).
-	due := func(at func(store.NextDue) *time.Time) bool {
+	// lease and reconcile queries (Tick, with no look, sweeps everything). lead: the
+	// work is due this long before the time the look gave.
+	due := func(at func(store.NextDue) *time.Time, lead time.Duration) bool {
 		if lk == nil {
 			return true
 		}
 		when := at(lk.n)
-		return when != nil && !when.After(lk.n.DBNow.Add(t.now().Sub(lk.ref)))
+		return when != nil && !when.Add(-lead).After(lk.n.DBNow.Add(t.now().Sub(lk.ref)))
 	}
 
-	for due(func(n store.NextDue) *time.Time { return n.Wake }) {
-		ds, err := t.st.RunsWakeDue(ctx, params)
+	wakeParams := params
+	wakeParams.WakeLead = t.cfg.WakeLead
+	for due(func(n store.NextDue) *time.Time { return n.Wake }, t.cfg.WakeLead) {
+		ds, err := t.st.RunsWakeDue(ctx, wakeParams)
 		if err != nil {
 			return res, err
 		}
 		if len(ds) > 0 && res.woken == 0 && lk != nil && lk.n.Wake != nil {
 			// The database clock now, estimated from the look: exact to half a round trip.
 			dbNow := lk.n.DBNow.Add(t.now().Sub(lk.ref))
-			t.m.WakeLateness.Observe(max(dbNow.Sub(*lk.n.Wake), 0).Seconds())
+			t.m.WakeLateness.Observe(max(dbNow.Sub(lk.n.Wake.Add(-t.cfg.WakeLead)), 0).Seconds())
 		}
 		res.woken += len(ds)
 		t.m.Woken.Add(float64(len(ds)))
@@ -64,7 +67,7 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 		}
 	}
 
-	for due(func(n store.NextDue) *time.Time { return n.LeaseExpiry }) {
+	for due(func(n store.NextDue) *time.Time { return n.LeaseExpiry }, 0) {
 		es, err := t.st.RunsExpireLeases(ctx, params)
 		if err != nil {
 			return res, err
@@ -91,10 +94,10 @@ func (t *Timer) sweep(ctx context.Context, lk *look) (sweepResult, error) {
 	}
 
 	var backlogged []string
-	if due(func(n store.NextDue) *time.Time { return n.Stale }) {
+	if due(func(n store.NextDue) *time.Time { return n.Stale }, 0) {
 		backlogged = t.backlogged(ctx)
 	}
-	for due(func(n store.NextDue) *time.Time { return n.Stale }) {
+	for due(func(n store.NextDue) *time.Time { return n.Stale }, 0) {
 		n, err := t.relay(ctx, store.RedispatchParams{
 			SweepParams: params, StaleAfter: t.cfg.StaleAfter, LiveWithin: t.cfg.LiveWithin,
 			Backlogged: backlogged, BackloggedStaleAfter: backloggedStaleFactor * t.cfg.StaleAfter,
