@@ -95,8 +95,9 @@ func DefaultStreamConfig() StreamConfig {
 }
 
 // ConsumerConfig tunes a task consumer. The lease, not AckWait, says whether an executor is
-// alive: executors ack as soon as their claim commits, so AckWait only bounds how long a
-// fetched but unclaimed message waits before another executor may have it.
+// alive: executors ack as soon as their claim commits (keeping the message in progress
+// while the claim is held up), so AckWait only bounds how long a message fetched by an
+// executor that then died or stalled waits before another executor may have it.
 type ConsumerConfig struct {
 	AckWait       time.Duration
 	MaxDeliver    int // -1: unlimited; attempts are counted in PostgreSQL
@@ -105,18 +106,20 @@ type ConsumerConfig struct {
 
 // DefaultConsumerConfig is used when none is configured.
 //
-// AckWait stays 30 s. At 5 s, T11 (50,000 parked sleepers, 3 timers killed in turn)
-// woke 38,777 runs in its 6 minutes against all 50,000 at 30 s: under that load claims
-// outlive a short AckWait, and every redelivery is another claim to make. (Both runs
-// predate the fix of the lost-stream relay that flooded that queue; 5 s was not tried
-// again after it.)
+// AckWait is 5 s: the doorbells an executor had fetched and not yet claimed when it was
+// killed come back to the others that soon, where 30 s left their runs waiting that long
+// (T14 saw good runs wait 20 s for the reconciler instead). An executor keeps a message
+// in progress while its claim waits (a backlog of claims, a slow database), so a short
+// AckWait does not redeliver the doorbells of a live one: at 5 s without that, T11
+// (50,000 parked sleepers, 3 timers killed in turn) woke 38,777 runs in its 6 minutes
+// against all 50,000 at 30 s, every redelivery being another claim to make.
 //
 // MaxDeliver is unlimited: an executor that must not take a doorbell now (it is making
 // room for a run that runs alone) hands it back, and every hand-back is a delivery;
 // past a cap the broker would drop the doorbell, and its run would wait for the
 // reconciler (T14 saw good runs wait 20 s so). Poison is terminated explicitly.
 func DefaultConsumerConfig() ConsumerConfig {
-	return ConsumerConfig{AckWait: 30 * time.Second, MaxDeliver: -1, MaxAckPending: 10_000}
+	return ConsumerConfig{AckWait: 5 * time.Second, MaxDeliver: -1, MaxAckPending: 10_000}
 }
 
 // Bus publishes and consumes Kagzi's messages on one connection.

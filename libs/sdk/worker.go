@@ -582,6 +582,10 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 		_ = msg.NakWithDelay(100 * time.Millisecond)
 		return
 	}
+	// A claim held up (a backlog of claims, a slow database) keeps its doorbell in
+	// progress, so that the short AckWait that brings a dead executor's doorbells back
+	// soon does not also redeliver the doorbells of a live one.
+	stopKeeping := keepInProgress(msg, w.cfg.Consumer.AckWait/3)
 	claimSent := w.cfg.Clock.Now()
 	req := store.ClaimRequest{RunID: task.RunID, DispatchSeq: task.DispatchSeq, Workflow: def.Name()}
 	res, done := w.claims.Do(req)
@@ -596,6 +600,7 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 	if err != nil && !errors.Is(err, errWorkerStopped) {
 		run, ok, claimSent, err = w.recheckClaim(req, err)
 	}
+	stopKeeping()
 	if err != nil {
 		// Not claimed, or not known to be: a redelivery claims it, or, had the claim
 		// taken after all, the lease sweep brings the run back.
@@ -797,21 +802,9 @@ func (w *Worker) makeRoom(msg jetstream.Msg) (done func(), ok bool) {
 		return func() {}, true // its slot is the only one
 	}
 	// Kept in progress while it waits, so AckWait does not hand it to another executor.
-	waiting, stopWaiting := context.WithCancel(context.Background())
-	go func() {
-		tick := time.NewTicker(time.Second)
-		defer tick.Stop()
-		for {
-			select {
-			case <-waiting.Done():
-				return
-			case <-tick.C:
-				_ = msg.InProgress()
-			}
-		}
-	}()
+	stopKeeping := keepInProgress(msg, w.cfg.Consumer.AckWait/3)
 	done, err := w.takeAll(context.Background())
-	stopWaiting()
+	stopKeeping()
 	switch {
 	case errors.Is(err, errAnotherAlone):
 		_ = msg.NakWithDelay(100 * time.Millisecond)
@@ -821,6 +814,36 @@ func (w *Worker) makeRoom(msg jetstream.Msg) (done func(), ok bool) {
 		return nil, false
 	}
 	return done, true
+}
+
+// keepInProgress tells the broker every period that msg is still being handled, until
+// stop is called: the message's AckWait then only runs out for an executor that died or
+// stalled. Nothing is sent when stop comes within the first period, as it does for
+// nearly every message; a timer, not a goroutine, waits for it.
+func keepInProgress(msg jetstream.Msg, period time.Duration) (stop func()) {
+	period = max(period, 100*time.Millisecond)
+	var (
+		mu      sync.Mutex
+		stopped bool
+		t       *time.Timer
+	)
+	mu.Lock()
+	defer mu.Unlock()
+	t = time.AfterFunc(period, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if stopped {
+			return
+		}
+		_ = msg.InProgress()
+		t.Reset(period)
+	})
+	return func() {
+		mu.Lock()
+		defer mu.Unlock()
+		stopped = true
+		t.Stop()
+	}
 }
 
 // invoke runs the workflow function, recovering the SDK's unwinding and user panics.

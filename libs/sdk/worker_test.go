@@ -10,7 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kagzi/kagzi/libs/bus"
 	"github.com/kagzi/kagzi/libs/sdk"
+	"github.com/kagzi/kagzi/libs/store"
 	"github.com/kagzi/kagzi/libs/testkit"
 	"github.com/kagzi/kagzi/libs/wire"
 )
@@ -619,5 +621,53 @@ func TestWorkerOutlivesABrokerRestart(t *testing.T) {
 		if got, err := run.Result(ctxT(t)); err != nil || got != 2*(10+i) {
 			t.Fatalf("run %d (after restart: %v): result %v, %v", i, restart, got, err)
 		}
+	}
+}
+
+// A claim held up past its doorbell's AckWait (the run's row locked by another
+// transaction, as a slow database would) keeps the doorbell in progress: the broker does
+// not deliver it again, to be claimed a second time.
+func TestHeldUpClaimKeepsItsDoorbell(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	wf := sdk.Workflow("held-up", func(sdk.Context, struct{}) (string, error) { return "done", nil })
+	const ackWait = 500 * time.Millisecond
+	w := e.worker(t, []sdk.Registration{wf}, func(c *sdk.WorkerConfig) {
+		c.Consumer = bus.ConsumerConfig{AckWait: ackWait, MaxDeliver: -1, MaxAckPending: 100}
+	})
+	res, err := e.st.RunInsert(ctxT(t), store.RunInsertParams{ID: wire.NewRunID(), Namespace: wire.DefaultNamespace,
+		Workflow: "held-up", Input: []byte(`{}`), IdempotencyKey: wire.NewRunID()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tx, err := e.pool.Begin(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback(context.Background()) }()
+	if _, err := tx.Exec(ctxT(t), `SELECT 1 FROM workflow_runs WHERE id = $1 FOR UPDATE`, res.RunID); err != nil {
+		t.Fatal(err)
+	}
+	e.publish(res.Dispatch)
+	// Three AckWaits, and less than the worker's 2 s lease, past which the claim would
+	// give up on its own.
+	time.Sleep(3 * ackWait)
+	if err := tx.Rollback(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	if info, err := e.client().Wait(ctxT(t), res.RunID); err != nil || info.Status != wire.StatusCompleted {
+		t.Fatalf("run = %+v, %v; want COMPLETED", info, err)
+	}
+	cons, err := e.bus.JetStream().Consumer(ctxT(t), wire.TaskStream, wire.TaskConsumer(wire.DefaultNamespace, "held-up"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ci, err := cons.Info(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := w.Stats(); ci.Delivered.Consumer != 1 || s.Claimed != 1 || s.ClaimNoops != 0 {
+		t.Fatalf("doorbell delivered %d times, %d claims and %d no-op claims; want it delivered and claimed once",
+			ci.Delivered.Consumer, s.Claimed, s.ClaimNoops)
 	}
 }

@@ -30,9 +30,10 @@ func TestT01ExecutorKillStorm(t *testing.T) {
 
 	s := newSystem(t)
 	s.scheduler("scheduler")
-	// A doorbell fetched by an executor that dies before its claim commits comes back only
-	// after AckWait (30 s) or the reconciler's threshold: 5 s keeps that within the
-	// settle time, as an operator running short leases would configure it.
+	// A doorbell fetched by an executor that dies before its claim commits comes back
+	// after AckWait (5 s) or the reconciler's threshold, whichever is first: 5 s keeps
+	// the reconciler within the settle time, as an operator running short leases would
+	// configure it.
 	s.timer("timer", "KAGZI_STALE_AFTER=5s", "KAGZI_MAX_IDLE=1s")
 	execs := make([]*testkit.Process, 3)
 	for i := range execs {

@@ -48,7 +48,7 @@ func TestT14PoisonWorkflows(t *testing.T) {
 	s := newSystem(t)
 	sched := s.scheduler("scheduler")
 	// A doorbell fetched by an executor that exits before claiming it comes back after
-	// AckWait (30 s) or a relay after the stale threshold: 2 s keeps it short.
+	// AckWait (5 s) or a relay after the stale threshold: 2 s keeps the relay short.
 	tmr := s.timer("timer", "KAGZI_STALE_AFTER=2s", "KAGZI_MAX_IDLE=1s")
 	execs := make([]*testkit.Process, 3)
 	for i := range execs {
@@ -269,9 +269,10 @@ supervise:
 	//     death's runs are handed back together and claimed again together, and the
 	//     culprit's second attempt (one lapse, not yet isolated) kills them again; they
 	//     then run alone, behind the culprits' own isolated attempts 3-5;
-	//   - a few doorbells are stranded with an executor that exited before claiming them:
-	//     ack-pending for AckWait (30 s), relayed only after 10 × StaleAfter (20 s) while
-	//     the consumer has messages pending (timer.backloggedStaleFactor).
+	//   - a few doorbells were stranded with an executor that exited before claiming them:
+	//     ack-pending for AckWait (then 30 s), relayed only after 10 × StaleAfter (20 s)
+	//     while the consumer has messages pending (timer.backloggedStaleFactor); AckWait
+	//     is 5 s since, the claim keeping its doorbell in progress.
 	// On the quiet machine the runs no death touched already have a p99 of 2.1-2.8× the
 	// baseline at both sizes. Spreading the hand-back over time, a crash-loop backoff on
 	// runs with lapses, and suspects deferring to other work left the tail about where it

@@ -8,7 +8,7 @@
 //	restarts: a restarted executor hands back at once what its dead predecessor held),
 //	KAGZI_LEASE (2s), KAGZI_CONCURRENCY (8),
 //	KAGZI_LOCAL_SLEEP_MAX (the SDK's default; negative: every sleep parks the run),
-//	KAGZI_TASK_ACK_WAIT (the task consumer's AckWait; default the bus's, 30s),
+//	KAGZI_TASK_ACK_WAIT (the task consumer's AckWait; default the bus's, 5s),
 //	KAGZI_NAMESPACE (default), KAGZI_MAX_STEPS (the SDK's limit), KAGZI_DB_MAX_CONNS and
 //	KAGZI_EFFECTS_MAX_CONNS (8 each: the worker's and the oracle's pools), KAGZI_HTTP_ADDR
 //	(off; else Go runtime and process metrics on /metrics), KAGZI_BOMBS (1: also host
