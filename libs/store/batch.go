@@ -42,7 +42,7 @@ UPDATE workflow_runs r SET
 FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS t(id, seq, workflow)
 WHERE r.id = ANY ($1::uuid[]) AND r.id = t.id AND r.dispatch_seq = t.seq AND r.workflow = t.workflow
   AND r.namespace = $6 AND r.status = 'QUEUED'
-RETURNING r.id::text, r.dispatch_seq, r.version, r.input, r.attempt, r.max_attempts, r.fence, now(), r.lease_expires_at, r.lapses,
+RETURNING r.id::text, r.dispatch_seq, r.version, r.input, r.attempt, r.max_attempts, r.fence, clock_timestamp(), r.lease_expires_at, r.lapses,
     CASE WHEN r.wake_at > now() THEN r.wake_at END`
 
 const stepsLoadManySQL = `
@@ -164,7 +164,7 @@ func (s *Store) RunsClaim(ctx context.Context, namespace, owner string, lease ti
 // A claim is the only way a run becomes RUNNING under one owner for one dispatch: every
 // later dispatch of the run has a higher dispatch_seq. Primary-key read.
 const runClaimRecheckSQL = `
-SELECT version, input, attempt, max_attempts, fence, now(), lease_expires_at, lapses,
+SELECT version, input, attempt, max_attempts, fence, clock_timestamp(), lease_expires_at, lapses,
     CASE WHEN wake_at > now() THEN wake_at END FROM workflow_runs
 WHERE id = $1 AND dispatch_seq = $2 AND workflow = $3 AND namespace = $4
   AND status = 'RUNNING' AND lease_owner = $5 AND lease_expires_at > now()`

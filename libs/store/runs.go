@@ -115,15 +115,20 @@ type RunClaimParams struct {
 
 // ClaimedRun is a run an executor now holds, with every step recorded so far.
 type ClaimedRun struct {
-	ID             wire.RunID
-	Namespace      string
-	Workflow       string
-	Version        string
-	Input          []byte
-	Attempt        int
-	MaxAttempts    int
-	Fence          int64
-	DBNow          time.Time // the database clock at the claim: replay compares wake times to it
+	ID          wire.RunID
+	Namespace   string
+	Workflow    string
+	Version     string
+	Input       []byte
+	Attempt     int
+	MaxAttempts int
+	Fence       int64
+	// DBNow is the database clock as the claim's row was written (clock_timestamp(), not
+	// the transaction's start, which a batch of claims can put milliseconds earlier):
+	// replay compares wake times to it, and a run held until its wake time counts the
+	// wait from it. It is read before the answer leaves, so never later than the moment
+	// the executor gets it.
+	DBNow          time.Time
 	LeaseExpiresAt time.Time
 	// Lapses counts the attempts in a row before this one that ended with the lease
 	// lapsing (workflow_runs.lapses): a run with several may be what kills its executor.
@@ -143,7 +148,7 @@ UPDATE workflow_runs SET
     lease_expires_at = now() + $6::bigint * interval '1 microsecond',
     started_at = coalesce(started_at, now()), updated_at = now()
 WHERE id = $1 AND dispatch_seq = $2 AND namespace = $3 AND workflow = $4 AND status = 'QUEUED'
-RETURNING version, input, attempt, max_attempts, fence, now(), lease_expires_at, lapses,
+RETURNING version, input, attempt, max_attempts, fence, clock_timestamp(), lease_expires_at, lapses,
     CASE WHEN wake_at > now() THEN wake_at END`
 
 // RunClaim takes a QUEUED run for this executor: status RUNNING, fence+1, a lease from
