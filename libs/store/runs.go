@@ -374,7 +374,7 @@ type SweepParams struct {
 	Now   *time.Time // nil: the database clock
 	Limit int
 	// WakeLead (RunsWakeDue only) wakes runs due within this much of Now: early enough
-	// for an executor to have them claimed and replayed by their wake time, which it
+	// for an executor to have them claimed by their wake time, which it
 	// then waits for (ClaimedRun.NotBefore).
 	WakeLead time.Duration
 }

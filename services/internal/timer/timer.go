@@ -43,7 +43,7 @@ type Config struct {
 	// announces those.
 	MaxIdle time.Duration
 	// WakeLead queues sleepers and retries this long before their wake time, so that an
-	// executor has fetched, claimed and replayed them by then; the executor holds each
+	// executor has fetched and claimed them by then; the executor holds each
 	// until its wake time and goes on at once (250ms; negative: none; at most 5s). It
 	// hides the dispatch's latency from a burst of wake-ups, at the price of holding an
 	// executor slot for up to WakeLead per wake.
