@@ -423,13 +423,13 @@ func (w *Worker) release(rc *runContext, what string) {
 
 // consume pulls doorbells for one workflow, never more than there are free slots, so a
 // message is only taken when it can be run at once. A pull reserves its slots until it
-// ends, so an idle workflow's pull asks for one message only (it would otherwise sit on
-// slots that a busy workflow of the same worker needs); the size grows back as messages
-// come.
+// ends, so only a pull for one message waits (an idle workflow sits on one slot, not on
+// the slots a busy workflow of the same worker needs), and a pull for more takes what is
+// there; the size doubles while pulls fill, from one.
 func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.Consumer) {
 	defer w.loops.Done()
 	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
-	want := w.cfg.Concurrency
+	want := 1
 	for ctx.Err() == nil {
 		if cons == nil {
 			c, err := w.recreate(ctx, def.Name())
@@ -452,10 +452,23 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 		if n == 0 {
 			return
 		}
+		// A pull for one message waits for it; a pull for more takes only what the
+		// consumer holds now, and gives back the slots it did not fill at once. A pull
+		// that waited for many would sit on all their slots until it filled or expired,
+		// while the workflows beside it, which had work, waited for slots: a new
+		// executor's first pulls, one per workflow, asked for every slot, and the first
+		// workflow's took them all for a second (kagzi bench S1 did nothing for its first
+		// 0.7 s; each of T14's restarted executors lost that second too).
 		// The pull is not tied to ctx: a stopping worker lets its last pull end and gives
 		// back what it yields for immediate redelivery.
 		fctx, cancel := context.WithTimeout(context.Background(), fetchExpiry)
-		batch, err := cons.Fetch(n, jetstream.FetchContext(fctx))
+		var batch jetstream.MessageBatch
+		var err error
+		if n == 1 {
+			batch, err = cons.Fetch(1, jetstream.FetchContext(fctx))
+		} else {
+			batch, err = cons.FetchNoWait(n)
+		}
 		if err != nil {
 			cancel()
 			w.releaseSlots(n)

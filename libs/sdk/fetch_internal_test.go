@@ -1,0 +1,87 @@
+package sdk
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/store"
+	"github.com/kagzi/kagzi/libs/testkit"
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+// An idle workflow's pull sits on one slot, whatever the worker did before: right after
+// its start, when each workflow's first pull asked for every slot and the first one's
+// held them all for a second while the other workflows' backlog waited, and after a
+// burst, when a pull sized by the burst held as many.
+func TestIdlePullsHoldOneSlotEach(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	pool, err := store.Connect(ctx, testkit.NewDatabase(t), 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	nc, err := bus.Connect(bus.ConnOptions{URL: testkit.StartNATS(t).URL(), Name: t.Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	const concurrency, workflows = 64, 10
+	w, err := NewWorker(WorkerConfig{Pool: pool, Conn: nc, Concurrency: concurrency, Lease: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range workflows {
+		if err := w.Register(Workflow(fmt.Sprintf("wf-%d", i), func(Context, struct{}) (int, error) { return i, nil })); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = w.Stop(context.Background()) })
+
+	// Watched for longer than an idle pull waits, so that a pull sitting on more than
+	// its slot is seen whenever it began.
+	watch := func(when string) {
+		t.Helper()
+		least := concurrency
+		for end := time.Now().Add(fetchExpiry * 3 / 2); time.Now().Before(end); time.Sleep(time.Millisecond) {
+			least = min(least, len(w.slots))
+		}
+		if least < concurrency-workflows {
+			t.Fatalf("%s, with nothing to run: %d of %d slots free at the least; want %d, one held by each workflow's pull",
+				when, least, concurrency, concurrency-workflows)
+		}
+	}
+	watch("after the start")
+
+	st := store.New(pool)
+	const burst = 200
+	bells := make([]bus.Doorbell, burst)
+	for i := range bells {
+		res, err := st.RunInsert(ctx, store.RunInsertParams{ID: wire.NewRunID(), Namespace: wire.DefaultNamespace,
+			Workflow: "wf-0", Input: []byte(`{}`), IdempotencyKey: wire.NewRunID()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		bells[i] = bus.Doorbell{Namespace: wire.DefaultNamespace, Workflow: "wf-0",
+			Task: wire.Task{RunID: res.RunID, DispatchSeq: res.Dispatch.DispatchSeq}}
+	}
+	b, err := bus.New(nc, bus.DefaultStreamConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.PublishTasks(ctx, bells); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); w.Stats().Completed < burst; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("burst not run: %+v", w.Stats())
+		}
+	}
+	watch("after a burst")
+}
