@@ -45,9 +45,11 @@ func TestIdlePullsHoldOneSlotEach(t *testing.T) {
 	t.Cleanup(func() { _ = w.Stop(context.Background()) })
 
 	// Watched for longer than an idle pull waits, so that a pull sitting on more than
-	// its slot is seen whenever it began.
+	// its slot is seen whenever it began; after a settling time, in which a pull for
+	// more than one message (burstPullWait) has ended.
 	watch := func(when string) {
 		t.Helper()
+		time.Sleep(250 * time.Millisecond)
 		least := concurrency
 		for end := time.Now().Add(fetchExpiry * 3 / 2); time.Now().Before(end); time.Sleep(time.Millisecond) {
 			least = min(least, len(w.slots))

@@ -423,9 +423,9 @@ func (w *Worker) release(rc *runContext, what string) {
 
 // consume pulls doorbells for one workflow, never more than there are free slots, so a
 // message is only taken when it can be run at once. A pull reserves its slots until it
-// ends, so only a pull for one message waits (an idle workflow sits on one slot, not on
-// the slots a busy workflow of the same worker needs), and a pull for more takes what is
-// there; the size doubles while pulls fill, from one.
+// ends, so only a pull for one message waits long (an idle workflow sits on one slot,
+// not on the slots a busy workflow of the same worker needs), and a pull for more ends
+// soon; the size doubles while pulls fill, from one.
 func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.Consumer) {
 	defer w.loops.Done()
 	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
@@ -452,25 +452,24 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 		if n == 0 {
 			return
 		}
-		// A pull for one message waits for it; a pull for more takes only what the
-		// consumer holds now, and gives back the slots it did not fill at once. A pull
-		// that waited for many would sit on all their slots until it filled or expired,
-		// while the workflows beside it, which had work, waited for slots: a new
-		// executor's first pulls, one per workflow, asked for every slot, and the first
-		// workflow's took them all for a second (kagzi bench S1 did nothing for its first
-		// 0.7 s; each of T14's restarted executors lost that second too).
+		// A pull for one message waits for it as long as a pull may; a pull for more
+		// waits burstPullWait at most, and gives back the slots it did not fill. A pull
+		// that waited a second for many would sit on all their slots, while the
+		// workflows beside it, which had work, waited for slots: a new executor's first
+		// pulls, one per workflow, asked for every slot, and the first workflow's took
+		// them all for a second (kagzi bench S1 did nothing for its first 0.7 s).
 		// The pull is not tied to ctx: a stopping worker lets its last pull end and gives
-		// back what it yields for immediate redelivery.
-		fctx, cancel := context.WithTimeout(context.Background(), fetchExpiry)
-		var batch jetstream.MessageBatch
-		var err error
-		if n == 1 {
-			batch, err = cons.Fetch(1, jetstream.FetchContext(fctx))
-		} else {
-			batch, err = cons.FetchNoWait(n)
+		// back what it yields for immediate redelivery. It ends with the server's word
+		// that it expired (FetchMaxWait), which comes after every message the server sent
+		// for it: a pull that ended on a timer of its own (FetchContext) dropped the
+		// messages still on their way, which came back only after AckWait, and with short
+		// pulls that was every few hundred.
+		wait := fetchExpiry
+		if n > 1 {
+			wait = burstPullWait
 		}
+		batch, err := cons.Fetch(n, jetstream.FetchMaxWait(wait))
 		if err != nil {
-			cancel()
 			w.releaseSlots(n)
 			if ctx.Err() != nil {
 				return
@@ -492,7 +491,6 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 			w.runs.Add(1)
 			go w.handle(def, msg)
 		}
-		cancel()
 		w.releaseSlots(n - got)
 		want = min(max(2*got, 1), w.cfg.Concurrency)
 		if err := batch.Error(); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) && !errors.Is(err, nats.ErrTimeout) {
@@ -527,6 +525,14 @@ func (w *Worker) recreate(ctx context.Context, workflow string) (jetstream.Consu
 
 // fetchExpiry bounds one pull request, and so how long Stop waits for the fetch loops.
 const fetchExpiry = time.Second
+
+// burstPullWait bounds a pull for more than one message: long enough that doorbells
+// coming in a stream (a timer's wake-ups, a client's starts) are taken as they come by
+// one pull rather than a pull each, short enough that the slots it did not fill are
+// soon back for the worker's other workflows. A pull for no more than what the consumer
+// held at once (FetchNoWait) cost each doorbell of such a stream a round trip of its own:
+// S3's parked wake-ups were twice as late.
+const burstPullWait = 20 * time.Millisecond
 
 // acquireSlots blocks for one free slot, then takes whatever else is free at once, up to
 // want; 0 when ctx ended first.
