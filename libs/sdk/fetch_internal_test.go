@@ -8,7 +8,6 @@ import (
 
 	"github.com/kagzi/kagzi/libs/bus"
 	"github.com/kagzi/kagzi/libs/store"
-	"github.com/kagzi/kagzi/libs/testkit"
 	"github.com/kagzi/kagzi/libs/wire"
 )
 
@@ -19,21 +18,8 @@ import (
 func TestIdlePullsHoldOneSlotEach(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	pool, err := store.Connect(ctx, testkit.NewDatabase(t), 8)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	nc, err := bus.Connect(bus.ConnOptions{URL: testkit.StartNATS(t).URL(), Name: t.Name()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
 	const concurrency, workflows = 64, 10
-	w, err := NewWorker(WorkerConfig{Pool: pool, Conn: nc, Concurrency: concurrency, Lease: 10 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
+	w := newTestWorker(t, WorkerConfig{Concurrency: concurrency, Lease: 10 * time.Second}, 8)
 	for i := range workflows {
 		if err := w.Register(Workflow(fmt.Sprintf("wf-%d", i), func(Context, struct{}) (int, error) { return i, nil })); err != nil {
 			t.Fatal(err)
@@ -61,7 +47,7 @@ func TestIdlePullsHoldOneSlotEach(t *testing.T) {
 	}
 	watch("after the start")
 
-	st := store.New(pool)
+	st := w.store
 	const burst = 200
 	bells := make([]bus.Doorbell, burst)
 	for i := range bells {
@@ -73,11 +59,7 @@ func TestIdlePullsHoldOneSlotEach(t *testing.T) {
 		bells[i] = bus.Doorbell{Namespace: wire.DefaultNamespace, Workflow: "wf-0",
 			Task: wire.Task{RunID: res.RunID, DispatchSeq: res.Dispatch.DispatchSeq}}
 	}
-	b, err := bus.New(nc, bus.DefaultStreamConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.PublishTasks(ctx, bells); err != nil {
+	if err := w.bus.PublishTasks(ctx, bells); err != nil {
 		t.Fatal(err)
 	}
 	for deadline := time.Now().Add(20 * time.Second); w.Stats().Completed < burst; time.Sleep(5 * time.Millisecond) {

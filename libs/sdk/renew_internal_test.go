@@ -5,9 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kagzi/kagzi/libs/bus"
 	"github.com/kagzi/kagzi/libs/store"
-	"github.com/kagzi/kagzi/libs/testkit"
 	"github.com/kagzi/kagzi/libs/wire"
 )
 
@@ -18,21 +16,8 @@ import (
 func TestRenewalMissingAnEndingRunIsNoLostLease(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	pool, err := store.Connect(ctx, testkit.NewDatabase(t), 4)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	nc, err := bus.Connect(bus.ConnOptions{URL: testkit.StartNATS(t).URL(), Name: t.Name()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	w, err := NewWorker(WorkerConfig{Pool: pool, Conn: nc, Lease: 10 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	st := store.New(pool)
+	w := newTestWorker(t, WorkerConfig{Lease: 10 * time.Second}, 4)
+	st := w.store
 
 	// held claims a run for w, completes it in the database and puts it among w's held
 	// runs, as an execution between its completion's commit and its return would be.
