@@ -562,6 +562,7 @@ func (w *Worker) releaseSlots(n int) {
 
 // handle answers one doorbell: claim, ack, run. It owns one slot.
 func (w *Worker) handle(def Registration, msg jetstream.Msg) {
+	growStack()
 	defer w.runs.Done()
 	defer w.releaseSlots(1)
 	task, err := bus.DecodeTask(msg.Data())
