@@ -69,3 +69,58 @@ func TestIdlePullsHoldOneSlotEach(t *testing.T) {
 	}
 	watch("after a burst")
 }
+
+// A worker with more workflows than slots serves them all promptly: an idle workflow's
+// pull gives its slot back soon while another workflow's loop waits for one, instead of
+// sitting on it for a whole pull (a second) while a run of the other workflow waited.
+func TestMoreWorkflowsThanSlotsTakeTurns(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	const concurrency, workflows = 2, 6
+	w := newTestWorker(t, WorkerConfig{Concurrency: concurrency, Lease: 10 * time.Second}, 4)
+	for i := range workflows {
+		if err := w.Register(Workflow(fmt.Sprintf("wf-%d", i), func(Context, struct{}) (int, error) { return i, nil })); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = w.Stop(context.Background()) })
+	// The first pulls may have begun before any loop waited, and wait their second out.
+	time.Sleep(fetchExpiry + 250*time.Millisecond)
+
+	st := w.store
+	var slowest time.Duration
+	for round := range 3 {
+		for i := range workflows {
+			wf := fmt.Sprintf("wf-%d", (i+round)%workflows)
+			res, err := st.RunInsert(ctx, store.RunInsertParams{ID: wire.NewRunID(), Namespace: wire.DefaultNamespace,
+				Workflow: wf, Input: []byte(`{}`), IdempotencyKey: wire.NewRunID()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := w.Stats().Completed + 1
+			began := time.Now()
+			if err := w.bus.PublishTasks(ctx, []bus.Doorbell{{Namespace: wire.DefaultNamespace, Workflow: wf,
+				Task: wire.Task{RunID: res.RunID, DispatchSeq: res.Dispatch.DispatchSeq}}}); err != nil {
+				t.Fatal(err)
+			}
+			for w.Stats().Completed < want {
+				if time.Since(began) > 10*time.Second {
+					t.Fatalf("run of %s not completed: %+v", wf, w.Stats())
+				}
+				time.Sleep(time.Millisecond)
+			}
+			slowest = max(slowest, time.Since(began))
+		}
+	}
+	// Taking turns, a loop waits for the pulls of the others, burstPullWait each, a few
+	// rounds of them at most; sitting on its slot, a pull kept a run waiting up to a
+	// second (two, with the turn of the slot).
+	if limit := fetchExpiry / 2; slowest > limit {
+		t.Fatalf("slowest run of %d workflows on %d slots took %s from its doorbell to its end; want under %s",
+			workflows, concurrency, slowest, limit)
+	}
+	t.Logf("slowest of %d runs: %s", 3*workflows, slowest)
+}

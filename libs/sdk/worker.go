@@ -178,6 +178,12 @@ type Worker struct {
 	metrics workerMetrics
 	pl      payloads
 
+	// slotWaiters counts the fetch loops waiting for a free slot. While one waits, a pull
+	// for one message waits burstPullWait, not fetchExpiry: a worker with more workflows
+	// than slots has its idle workflows take turns on the slots rather than each sit on
+	// one for a second while another's run waits.
+	slotWaiters atomic.Int32
+
 	// lastLeaseHint is when the last lease notice went to the timers, in nanoseconds since
 	// hintEpoch: an interval on the worker's clock, which a step of the wall clock cannot
 	// stall.
@@ -424,8 +430,9 @@ func (w *Worker) release(rc *runContext, what string) {
 // consume pulls doorbells for one workflow, never more than there are free slots, so a
 // message is only taken when it can be run at once. A pull reserves its slots until it
 // ends, so only a pull for one message waits long (an idle workflow sits on one slot,
-// not on the slots a busy workflow of the same worker needs), and a pull for more ends
-// soon; the size doubles while pulls fill, from one.
+// not on the slots a busy workflow of the same worker needs), and not even that while
+// another workflow's loop waits for a slot; a pull for more ends soon; the size doubles
+// while pulls fill, from one.
 func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.Consumer) {
 	defer w.loops.Done()
 	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
@@ -465,7 +472,7 @@ func (w *Worker) consume(ctx context.Context, def Registration, cons jetstream.C
 		// messages still on their way, which came back only after AckWait, and with short
 		// pulls that was every few hundred.
 		wait := fetchExpiry
-		if n > 1 {
+		if n > 1 || w.slotWaiters.Load() > 0 {
 			wait = burstPullWait
 		}
 		batch, err := cons.Fetch(n, jetstream.FetchMaxWait(wait))
@@ -539,8 +546,15 @@ const burstPullWait = 20 * time.Millisecond
 func (w *Worker) acquireSlots(ctx context.Context, want int) int {
 	select {
 	case <-w.slots:
-	case <-ctx.Done():
-		return 0
+	default:
+		w.slotWaiters.Add(1)
+		select {
+		case <-w.slots:
+			w.slotWaiters.Add(-1)
+		case <-ctx.Done():
+			w.slotWaiters.Add(-1)
+			return 0
+		}
 	}
 	n := 1
 	for n < want {
