@@ -19,16 +19,7 @@ func TestIdlePullsHoldOneSlotEach(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
 	const concurrency, workflows = 64, 10
-	w := newTestWorker(t, WorkerConfig{Concurrency: concurrency, Lease: 10 * time.Second}, 8)
-	for i := range workflows {
-		if err := w.Register(Workflow(fmt.Sprintf("wf-%d", i), func(Context, struct{}) (int, error) { return i, nil })); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := w.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = w.Stop(context.Background()) })
+	w := startWorkflows(t, concurrency, workflows, 8)
 
 	// Watched for longer than an idle pull waits, so that a pull sitting on more than
 	// its slot is seen whenever it began; after a settling time, in which a pull for
@@ -77,16 +68,7 @@ func TestMoreWorkflowsThanSlotsTakeTurns(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
 	const concurrency, workflows = 2, 6
-	w := newTestWorker(t, WorkerConfig{Concurrency: concurrency, Lease: 10 * time.Second}, 4)
-	for i := range workflows {
-		if err := w.Register(Workflow(fmt.Sprintf("wf-%d", i), func(Context, struct{}) (int, error) { return i, nil })); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := w.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = w.Stop(context.Background()) })
+	w := startWorkflows(t, concurrency, workflows, 4)
 	// The first pulls may have begun before any loop waited, and wait their second out.
 	time.Sleep(fetchExpiry + 250*time.Millisecond)
 
@@ -123,4 +105,21 @@ func TestMoreWorkflowsThanSlotsTakeTurns(t *testing.T) {
 			workflows, concurrency, slowest, limit)
 	}
 	t.Logf("slowest of %d runs: %s", 3*workflows, slowest)
+}
+
+// startWorkflows starts a worker with this many slots and workflows wf-0, wf-1, …, each
+// returning its number, on a pool of poolSize connections.
+func startWorkflows(t *testing.T, concurrency, workflows int, poolSize int32) *Worker {
+	t.Helper()
+	w := newTestWorker(t, WorkerConfig{Concurrency: concurrency, Lease: 10 * time.Second}, poolSize)
+	for i := range workflows {
+		if err := w.Register(Workflow(fmt.Sprintf("wf-%d", i), func(Context, struct{}) (int, error) { return i, nil })); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = w.Stop(context.Background()) })
+	return w
 }
