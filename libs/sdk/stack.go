@@ -4,8 +4,8 @@ package sdk
 // takes. A goroutine starts with a small stack, and a run's path (decoding its doorbell,
 // encoding the claim's parameters, the workflow's code, each step's write) outgrows it
 // several times over, each time copying the stack so far: measured on S2, 8 % of the
-// executor's CPU went to copying stacks, 2 % with this. Grown here, at the bottom of the
-// goroutine, there is almost nothing to copy yet.
+// executor's CPU went to copying stacks, under 1 % with this. Grown here, at the bottom
+// of the goroutine, there is almost nothing to copy yet.
 //
 // The frame is read at an index the compiler cannot know, so that it is kept.
 //
