@@ -38,17 +38,10 @@ func TestIdlePullsHoldOneSlotEach(t *testing.T) {
 	}
 	watch("after the start")
 
-	st := w.store
 	const burst = 200
 	bells := make([]bus.Doorbell, burst)
 	for i := range bells {
-		res, err := st.RunInsert(ctx, store.RunInsertParams{ID: wire.NewRunID(), Namespace: wire.DefaultNamespace,
-			Workflow: "wf-0", Input: []byte(`{}`), IdempotencyKey: wire.NewRunID()})
-		if err != nil {
-			t.Fatal(err)
-		}
-		bells[i] = bus.Doorbell{Namespace: wire.DefaultNamespace, Workflow: "wf-0",
-			Task: wire.Task{RunID: res.RunID, DispatchSeq: res.Dispatch.DispatchSeq}}
+		bells[i] = queueRun(t, w, "wf-0")
 	}
 	if err := w.bus.PublishTasks(ctx, bells); err != nil {
 		t.Fatal(err)
@@ -72,20 +65,14 @@ func TestMoreWorkflowsThanSlotsTakeTurns(t *testing.T) {
 	// The first pulls may have begun before any loop waited, and wait their second out.
 	time.Sleep(fetchExpiry + 250*time.Millisecond)
 
-	st := w.store
 	var slowest time.Duration
 	for round := range 3 {
 		for i := range workflows {
 			wf := fmt.Sprintf("wf-%d", (i+round)%workflows)
-			res, err := st.RunInsert(ctx, store.RunInsertParams{ID: wire.NewRunID(), Namespace: wire.DefaultNamespace,
-				Workflow: wf, Input: []byte(`{}`), IdempotencyKey: wire.NewRunID()})
-			if err != nil {
-				t.Fatal(err)
-			}
+			bell := queueRun(t, w, wf)
 			want := w.Stats().Completed + 1
 			began := time.Now()
-			if err := w.bus.PublishTasks(ctx, []bus.Doorbell{{Namespace: wire.DefaultNamespace, Workflow: wf,
-				Task: wire.Task{RunID: res.RunID, DispatchSeq: res.Dispatch.DispatchSeq}}}); err != nil {
+			if err := w.bus.PublishTasks(ctx, []bus.Doorbell{bell}); err != nil {
 				t.Fatal(err)
 			}
 			for w.Stats().Completed < want {
@@ -122,4 +109,16 @@ func startWorkflows(t *testing.T, concurrency, workflows int, poolSize int32) *W
 	}
 	t.Cleanup(func() { _ = w.Stop(context.Background()) })
 	return w
+}
+
+// queueRun inserts a QUEUED run of the workflow and returns its doorbell, unpublished.
+func queueRun(t *testing.T, w *Worker, workflow string) bus.Doorbell {
+	t.Helper()
+	res, err := w.store.RunInsert(t.Context(), store.RunInsertParams{ID: wire.NewRunID(), Namespace: wire.DefaultNamespace,
+		Workflow: workflow, Input: []byte(`{}`), IdempotencyKey: wire.NewRunID()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bus.Doorbell{Namespace: wire.DefaultNamespace, Workflow: workflow,
+		Task: wire.Task{RunID: res.RunID, DispatchSeq: res.Dispatch.DispatchSeq}}
 }
