@@ -109,7 +109,8 @@ func TestBenchTinyLoad(t *testing.T) {
 	if r := rep.S1; r == nil || r.Runs != 20 || r.WorkflowsPerS <= 0 || r.ExecutorPeakRSS <= 0 || r.Latency.Count != 20 {
 		t.Errorf("S1: %+v", r)
 	}
-	if r := rep.S2; r == nil || r.Client.Count != 5 || r.Client.P50 <= 0 || r.Server.Count != 5 {
+	if r := rep.S2; r == nil || r.Client.Count != 5 || r.Client.P50 <= 0 || r.Server.Count != 5 ||
+		r.CommitMSBeside <= 0 || r.P50InCommitsBeside != r.Client.P50/r.CommitMSBeside {
 		t.Errorf("S2: %+v", r)
 	} else if st := r.Stages; st == nil || st.CreatedToClaimed <= 0 || st.ClaimedToFirstStep <= 0 || st.StepToStep <= 0 ||
 		st.LastStepToFinished != 0 {

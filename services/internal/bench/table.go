@@ -43,13 +43,22 @@ func writeTable(w io.Writer, rep *Report) {
 			result += fmt.Sprintf(": created→claimed %.2f, claimed→step 1 %.2f, step→step %.2f, last step→finished %.2f",
 				st.CreatedToClaimed, st.ClaimedToFirstStep, st.StepToStep, st.LastStepToFinished)
 		}
+		// The issue's 2.5 ms were set where one commit took 0.18 ms: so many commits is
+		// what the same target asks of a machine whose disk is slower or faster.
+		vs := ratio(r.P50InCommits, fmt.Sprintf("× one 1-client commit (p50; the issue's machine: 2.5 ms = %.1f ×)", 2.5/issueCommitMS))
+		if r.P50InCommitsBeside > 0 {
+			result += fmt.Sprintf("; one-row commits between its runs p50 %.3f ms", r.CommitMSBeside)
+			beside := fmt.Sprintf("%.3g × one commit between its runs", r.P50InCommitsBeside)
+			if r.P50InCommits > 0 {
+				beside += ", " + vs
+			}
+			vs = beside
+		}
 		rows = append(rows, row{name: "S2 latency",
 			result:  result + ")",
 			target:  "p50 ≤ 2.5 ms, p99 ≤ 5 ms",
 			verdict: verdict(r.Client.P50 <= 2.5, r.Client.P99 <= 5),
-			// The issue's 2.5 ms were set where one commit took 0.18 ms: so many commits
-			// is what the same target asks of a machine whose disk is slower or faster.
-			ratio: ratio(r.P50InCommits, fmt.Sprintf("× one 1-client commit (p50; the issue's machine: 2.5 ms = %.1f ×)", 2.5/issueCommitMS))})
+			ratio:   vs})
 	}
 	if r := rep.S3; r != nil {
 		path := func(p SleepPath) string {
