@@ -32,7 +32,7 @@ func TestRenewalMissingAnEndingRunIsNoLostLease(t *testing.T) {
 		if res[0].Err != nil || !res[0].OK {
 			t.Fatalf("claim: %+v", res[0])
 		}
-		if err := st.RunComplete(ctx, store.FencedParams{RunID: id, Fence: res[0].Run.Fence}, []byte(`1`)); err != nil {
+		if err := st.RunComplete(ctx, res[0].Run.Fenced(), []byte(`1`)); err != nil {
 			t.Fatal(err)
 		}
 		rctx, cancel := context.WithCancel(ctx)

@@ -84,7 +84,7 @@ func (rc *runContext) Value(key any) any {
 }
 
 func (rc *runContext) fenced() store.FencedParams {
-	return store.FencedParams{RunID: rc.run.ID, Fence: rc.run.Fence}
+	return rc.run.Fenced()
 }
 
 func (rc *runContext) confirmLease(sentAt time.Time) {

@@ -39,7 +39,7 @@ func TestBatchClaimStepsComplete(t *testing.T) {
 
 	var steps []store.StepInsertParams
 	for i := range 4 {
-		steps = append(steps, store.StepInsertParams{FencedParams: store.FencedParams{RunID: res[i].Run.ID, Fence: res[i].Run.Fence},
+		steps = append(steps, store.StepInsertParams{FencedParams: res[i].Run.Fenced(),
 			Key: "s", Seq: 0, Kind: wire.StepKindStep, Output: []byte(`1`)})
 	}
 	steps[3].Fence = 0 // a zombie's write
@@ -58,7 +58,7 @@ func TestBatchClaimStepsComplete(t *testing.T) {
 
 	var comps []store.CompleteRequest
 	for i := range 4 {
-		comps = append(comps, store.CompleteRequest{FencedParams: store.FencedParams{RunID: res[i].Run.ID, Fence: res[i].Run.Fence}, Output: []byte(`"ok"`)})
+		comps = append(comps, store.CompleteRequest{FencedParams: res[i].Run.Fenced(), Output: []byte(`"ok"`)})
 	}
 	comps[2].Fence = 7
 	cerrs := s.RunsComplete(ctx, comps)
@@ -67,12 +67,12 @@ func TestBatchClaimStepsComplete(t *testing.T) {
 	}
 	// Completing again under the same fence (a retry after an ambiguous commit) is fine;
 	// under another fence it is refused.
-	again := s.RunsComplete(ctx, []store.CompleteRequest{comps[0], {FencedParams: store.FencedParams{RunID: comps[1].RunID, Fence: 5}}})
+	again := s.RunsComplete(ctx, []store.CompleteRequest{comps[0], {FencedParams: store.FencedParams{RunID: comps[1].RunID, Fence: 5, Owner: comps[1].Owner}}})
 	if again[0] != nil || !errors.Is(again[1], wire.ErrLeaseLost) {
 		t.Fatalf("complete again errs = %v", again)
 	}
 	// A re-claim after a sleep brings each run's steps along.
-	fp := store.FencedParams{RunID: res[2].Run.ID, Fence: res[2].Run.Fence}
+	fp := res[2].Run.Fenced()
 	if _, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: fp, StepKey: "nap", Seq: 1}); err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +87,7 @@ func TestBatchClaimStepsComplete(t *testing.T) {
 	// A batch of a first dispatch and a later one: only the later run has steps, and
 	// gets them (a batch of first dispatches only does not read steps at all). The later
 	// one is woken an hour early, and its claim says so.
-	fp = store.FencedParams{RunID: reclaim[0].Run.ID, Fence: reclaim[0].Run.Fence}
+	fp = reclaim[0].Run.Fenced()
 	wake, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: fp, StepKey: "nap2", Seq: 2, Duration: time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -158,7 +158,7 @@ func TestRunClaimRecheck(t *testing.T) {
 	if !claimed.OK {
 		t.Fatalf("claim = %+v", claimed)
 	}
-	fp := store.FencedParams{RunID: d.RunID, Fence: claimed.Run.Fence}
+	fp := claimed.Run.Fenced()
 	if err := s.StepsInsert(ctx, []store.StepInsertParams{{FencedParams: fp, Key: "s", Kind: wire.StepKindStep, Output: []byte(`1`)}})[0]; err != nil {
 		t.Fatal(err)
 	}
@@ -199,7 +199,7 @@ func TestCompleteWithLastStep(t *testing.T) {
 		if !r.OK {
 			t.Fatalf("claim %d: %+v", i, r)
 		}
-		comps[i] = store.CompleteRequest{FencedParams: store.FencedParams{RunID: r.Run.ID, Fence: r.Run.Fence}, Output: []byte(`"done"`),
+		comps[i] = store.CompleteRequest{FencedParams: r.Run.Fenced(), Output: []byte(`"done"`),
 			Step: &store.StepInsertParams{Key: "last", Seq: 0, Kind: wire.StepKindStep, Output: []byte(`3`)}}
 	}
 	comps[1].Fence = 9 // a zombie's

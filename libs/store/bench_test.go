@@ -77,7 +77,7 @@ func benchSteps(b *testing.B, batch int) {
 	ctx := context.Background()
 	var held []store.FencedParams
 	for _, r := range s.RunsClaim(ctx, "default", "bench", time.Hour, seedQueued(b, s, batch)) {
-		held = append(held, store.FencedParams{RunID: r.Run.ID, Fence: r.Run.Fence})
+		held = append(held, r.Run.Fenced())
 	}
 	seq := 0
 	b.ResetTimer()
@@ -108,7 +108,7 @@ func benchComplete(b *testing.B, batch int, withStep bool) {
 	for range b.N {
 		var reqs []store.CompleteRequest
 		for _, r := range s.RunsClaim(ctx, "default", "bench", time.Hour, seedQueued(b, s, batch)) {
-			req := store.CompleteRequest{FencedParams: store.FencedParams{RunID: r.Run.ID, Fence: r.Run.Fence}, Output: []byte(`3`)}
+			req := store.CompleteRequest{FencedParams: r.Run.Fenced(), Output: []byte(`3`)}
 			if withStep {
 				req.Step = &store.StepInsertParams{Key: "last", Kind: wire.StepKindStep, Output: []byte(`{"i":3}`)}
 			}

@@ -77,7 +77,7 @@ func TestHeldRunsLockInIDOrder(t *testing.T) {
 		for seq := 1; time.Now().Before(deadline); seq++ {
 			ps := make([]store.StepInsertParams, n)
 			for i, h := range held {
-				ps[i] = store.StepInsertParams{FencedParams: store.FencedParams(h),
+				ps[i] = store.StepInsertParams{FencedParams: store.FencedParams{RunID: h.RunID, Fence: h.Fence, Owner: "a"},
 					Key: fmt.Sprintf("s%d", seq), Seq: seq, Kind: wire.StepKindStep, Status: "COMPLETED", Output: []byte(`1`), Attempt: 1}
 			}
 			for _, err := range s.StepsInsert(ctx, ps) {
@@ -92,7 +92,7 @@ func TestHeldRunsLockInIDOrder(t *testing.T) {
 		defer wg.Done()
 		reqs := make([]store.CompleteRequest, n)
 		for i, h := range held {
-			reqs[i] = store.CompleteRequest{FencedParams: store.FencedParams{RunID: h.RunID, Fence: h.Fence + 1}, Output: []byte(`1`)}
+			reqs[i] = store.CompleteRequest{FencedParams: store.FencedParams{RunID: h.RunID, Fence: h.Fence + 1, Owner: "a"}, Output: []byte(`1`)}
 		}
 		for time.Now().Before(deadline) {
 			for _, err := range s.RunsComplete(ctx, reqs) {

@@ -30,6 +30,7 @@ package store_test
 // size is -rapid.checks=20000), about 30 operations each (-rapid.steps).
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -224,9 +225,11 @@ func newModel(ctx context.Context, pool *pgxpool.Pool, stats map[string]int) *mo
 	return m
 }
 
-func (m *model) current(run int, fence int64) bool {
+// current says whether a write under this fence by this owner holds. The owner counts
+// beside the fence: a claim undone by a crash of PostgreSQL hands its fence out again.
+func (m *model) current(run int, fence int64, owner string) bool {
 	r := m.runs[run]
-	return r.status == wire.StatusRunning && r.fence == fence
+	return r.status == wire.StatusRunning && r.fence == fence && r.owner == owner
 }
 
 // transition moves the model and records the transition the log must show.
@@ -449,6 +452,7 @@ type stepReq struct {
 	attempt int
 	exec    *mExec // nil for a late write by nobody the model tracks
 	held    *mHeld
+	owner   string // the lease owner the write names (exec's name when exec is set)
 }
 
 func stepOutput(key string, fence int64) []byte {
@@ -466,7 +470,7 @@ func (m *model) doSteps(t *rapid.T, reqs []stepReq, single bool) {
 	for i, q := range reqs {
 		key := stepKey(q.pos)
 		switch {
-		case !m.current(q.run, q.fence):
+		case !m.current(q.run, q.fence, q.owner):
 			want[i] = wire.ErrLeaseLost
 		case m.runs[q.run].hasStep(key) || batch[rk{q.run, key}]:
 			want[i] = store.ErrStepExists
@@ -477,7 +481,7 @@ func (m *model) doSteps(t *rapid.T, reqs []stepReq, single bool) {
 	ps := make([]store.StepInsertParams, len(reqs))
 	for i, q := range reqs {
 		key := stepKey(q.pos)
-		ps[i] = store.StepInsertParams{FencedParams: store.FencedParams{RunID: m.runs[q.run].id, Fence: q.fence},
+		ps[i] = store.StepInsertParams{FencedParams: store.FencedParams{RunID: m.runs[q.run].id, Fence: q.fence, Owner: q.owner},
 			Key: key, Seq: q.pos, Kind: wire.StepKindStep, Output: stepOutput(key, q.fence), Attempt: q.attempt}
 	}
 	var got []error
@@ -520,11 +524,11 @@ func (m *model) doSteps(t *rapid.T, reqs []stepReq, single bool) {
 // below the recorded steps names a recorded sleep: a re-sleep on replay (the run was woken
 // early by a clock ahead of its wake time), which passes the recorded wake time when
 // recorded is set and keeps the recorded row either way.
-func (m *model) doSleep(t *rapid.T, run int, fence int64, pos int, h int, until, recorded bool, e *mExec, held *mHeld) {
+func (m *model) doSleep(t *rapid.T, run int, fence int64, owner string, pos int, h int, until, recorded bool, e *mExec, held *mHeld) {
 	r := m.runs[run]
-	ok := m.current(run, fence)
+	ok := m.current(run, fence, owner)
 	resleep := pos < len(r.steps)
-	p := store.RunSleepParams{FencedParams: store.FencedParams{RunID: r.id, Fence: fence}, StepKey: stepKey(pos), Seq: pos}
+	p := store.RunSleepParams{FencedParams: store.FencedParams{RunID: r.id, Fence: fence, Owner: owner}, StepKey: stepKey(pos), Seq: pos}
 	before := time.Now()
 	switch {
 	case resleep && recorded:
@@ -580,48 +584,51 @@ type fencedReq struct {
 	fence int64
 	exec  *mExec
 	held  *mHeld
+	owner string // as in stepReq
 }
 
-func completeOutput(run int, fence int64) []byte {
-	return []byte(fmt.Sprintf(`"out-%d@%d"`, run, fence))
+func completeOutput(run int, fence int64, owner string) []byte {
+	return []byte(fmt.Sprintf(`"out-%d@%d-%s"`, run, fence, owner))
 }
 
 // doComplete completes with RunsComplete, or with RunComplete when single.
 func (m *model) doComplete(t *rapid.T, reqs []fencedReq, single bool) {
 	want := make([]error, len(reqs))
 	for i, q := range reqs {
-		if !m.current(q.run, q.fence) {
+		if !m.current(q.run, q.fence, q.owner) {
 			want[i] = wire.ErrLeaseLost
 		}
 	}
 	var got []error
 	if single {
 		for _, q := range reqs {
-			got = append(got, m.s.RunComplete(m.ctx, store.FencedParams{RunID: m.runs[q.run].id, Fence: q.fence}, completeOutput(q.run, q.fence)))
+			got = append(got, m.s.RunComplete(m.ctx, store.FencedParams{RunID: m.runs[q.run].id, Fence: q.fence, Owner: q.owner}, completeOutput(q.run, q.fence, q.owner)))
 		}
 	} else {
 		creqs := make([]store.CompleteRequest, len(reqs))
 		for i, q := range reqs {
-			creqs[i] = store.CompleteRequest{FencedParams: store.FencedParams{RunID: m.runs[q.run].id, Fence: q.fence}, Output: completeOutput(q.run, q.fence)}
+			creqs[i] = store.CompleteRequest{FencedParams: store.FencedParams{RunID: m.runs[q.run].id, Fence: q.fence, Owner: q.owner},
+				Output: completeOutput(q.run, q.fence, q.owner)}
 		}
 		got = m.s.RunsComplete(m.ctx, creqs)
 	}
 	// Apply, then decide the idempotent answers: RunsComplete answers success to a
-	// request whose run is COMPLETED under exactly its fence (a retry after an ambiguous
-	// commit).
+	// request whose run is COMPLETED under exactly its fence with exactly its output (a
+	// retry after an ambiguous commit).
 	applied := make([]bool, len(reqs))
 	for i, q := range reqs {
 		if want[i] == nil {
 			r := m.runs[q.run]
 			m.transition(q.run, wire.StatusCompleted)
-			r.output = completeOutput(q.run, q.fence)
+			r.output = completeOutput(q.run, q.fence, q.owner)
 			applied[i] = true
 			m.count("complete")
 		}
 	}
 	for i, q := range reqs {
 		r := m.runs[q.run]
-		if !single && want[i] != nil && r.status == wire.StatusCompleted && r.fence == q.fence {
+		if !single && want[i] != nil && r.status == wire.StatusCompleted && r.fence == q.fence &&
+			bytes.Equal(r.output, completeOutput(q.run, q.fence, q.owner)) {
 			want[i] = nil
 			m.count("complete-idempotent")
 		}
@@ -637,9 +644,9 @@ func (m *model) doComplete(t *rapid.T, reqs []fencedReq, single bool) {
 
 func (m *model) doFail(t *rapid.T, q fencedReq, retry bool, backoffH int) {
 	r := m.runs[q.run]
-	ok := m.current(q.run, q.fence)
+	ok := m.current(q.run, q.fence, q.owner)
 	what := fmt.Sprintf("fail %s with fence %d retry=%v", m.runDesc(q.run), q.fence, retry)
-	res, err := m.s.RunFail(m.ctx, store.RunFailParams{FencedParams: store.FencedParams{RunID: r.id, Fence: q.fence},
+	res, err := m.s.RunFail(m.ctx, store.RunFailParams{FencedParams: store.FencedParams{RunID: r.id, Fence: q.fence, Owner: q.owner},
 		Error: "boom", Retry: retry, Backoff: hours(backoffH)})
 	if q.held != nil {
 		q.exec.drop(q.held)
@@ -666,9 +673,9 @@ func (m *model) doFail(t *rapid.T, q fencedReq, retry bool, backoffH int) {
 
 func (m *model) doRelease(t *rapid.T, q fencedReq) {
 	r := m.runs[q.run]
-	ok := m.current(q.run, q.fence)
+	ok := m.current(q.run, q.fence, q.owner)
 	what := fmt.Sprintf("release %s with fence %d", m.runDesc(q.run), q.fence)
-	d, err := m.s.RunRelease(m.ctx, store.FencedParams{RunID: r.id, Fence: q.fence})
+	d, err := m.s.RunRelease(m.ctx, store.FencedParams{RunID: r.id, Fence: q.fence, Owner: q.owner})
 	if q.held != nil {
 		q.exec.drop(q.held)
 	}
@@ -693,7 +700,7 @@ func (m *model) doExtend(t *rapid.T, owner string, reqs []fencedReq, leaseH int)
 	for i, q := range reqs {
 		r := m.runs[q.run]
 		held[i] = store.Held{RunID: r.id, Fence: q.fence}
-		if m.current(q.run, q.fence) && r.owner == owner {
+		if m.current(q.run, q.fence, owner) {
 			want[string(r.id)] = true
 		}
 	}
@@ -1072,8 +1079,8 @@ func (m *model) drain(t *rapid.T) {
 		for _, e := range m.execs {
 			var reqs []fencedReq
 			for _, h := range e.held {
-				if m.current(h.run, h.fence) {
-					reqs = append(reqs, fencedReq{run: h.run, fence: h.fence, exec: e, held: h})
+				if m.current(h.run, h.fence, e.name) {
+					reqs = append(reqs, fencedReq{run: h.run, fence: h.fence, exec: e, held: h, owner: e.name})
 				}
 			}
 			if len(reqs) > 0 {
@@ -1099,8 +1106,8 @@ func (m *model) drain(t *rapid.T) {
 		var steps []stepReq
 		var done []fencedReq
 		for _, h := range slices.Clone(drainer.held) {
-			steps = append(steps, stepReq{run: h.run, fence: h.fence, pos: h.pos, attempt: h.attempt, exec: drainer, held: h})
-			done = append(done, fencedReq{run: h.run, fence: h.fence, exec: drainer, held: h})
+			steps = append(steps, stepReq{run: h.run, fence: h.fence, pos: h.pos, attempt: h.attempt, exec: drainer, held: h, owner: drainer.name})
+			done = append(done, fencedReq{run: h.run, fence: h.fence, exec: drainer, held: h, owner: drainer.name})
 		}
 		m.doSteps(t, steps, false)
 		m.check(t)
@@ -1127,6 +1134,11 @@ func (m *model) drain(t *rapid.T) {
 type heldRef struct {
 	e *mExec
 	h *mHeld
+}
+
+// fenced is the write of the executor that holds the run.
+func (hr heldRef) fenced() fencedReq {
+	return fencedReq{run: hr.h.run, fence: hr.h.fence, exec: hr.e, held: hr.h, owner: hr.e.name}
 }
 
 func (m *model) allHeld() []heldRef {
@@ -1189,7 +1201,7 @@ func (m *model) drawClaimReq(t *rapid.T) claimReq {
 // currentHolder is the executor holding run i under its current fence, if any.
 func (m *model) currentHolder(i int) (heldRef, bool) {
 	for _, hr := range m.allHeld() {
-		if hr.h.run == i && m.current(i, hr.h.fence) {
+		if hr.h.run == i && m.current(i, hr.h.fence, hr.e.name) {
 			return hr, true
 		}
 	}
@@ -1262,7 +1274,7 @@ func (m *model) actions() map[string]func(*rapid.T) {
 		"step": func(t *rapid.T) {
 			hr := m.drawHeld(t)
 			h := hr.h
-			m.doSteps(t, []stepReq{{run: h.run, fence: h.fence, pos: h.pos, attempt: h.attempt, exec: hr.e, held: h}}, rapid.Bool().Draw(t, "single"))
+			m.doSteps(t, []stepReq{{run: h.run, fence: h.fence, pos: h.pos, attempt: h.attempt, exec: hr.e, held: h, owner: hr.e.name}}, rapid.Bool().Draw(t, "single"))
 		},
 		"step-batch": func(t *rapid.T) {
 			// One executor's group commit: the next step of every run it holds.
@@ -1272,7 +1284,7 @@ func (m *model) actions() map[string]func(*rapid.T) {
 			}
 			var reqs []stepReq
 			for _, h := range e.held {
-				reqs = append(reqs, stepReq{run: h.run, fence: h.fence, pos: h.pos, attempt: h.attempt, exec: e, held: h})
+				reqs = append(reqs, stepReq{run: h.run, fence: h.fence, pos: h.pos, attempt: h.attempt, exec: e, held: h, owner: e.name})
 			}
 			m.doSteps(t, reqs, false)
 		},
@@ -1284,12 +1296,12 @@ func (m *model) actions() map[string]func(*rapid.T) {
 				t.Skip("no step recorded yet")
 			}
 			pos := rapid.IntRange(0, h.pos-1).Draw(t, "pos")
-			m.doSteps(t, []stepReq{{run: h.run, fence: h.fence, pos: pos, attempt: h.attempt, exec: hr.e, held: h}}, rapid.Bool().Draw(t, "single"))
+			m.doSteps(t, []stepReq{{run: h.run, fence: h.fence, pos: pos, attempt: h.attempt, exec: hr.e, held: h, owner: hr.e.name}}, rapid.Bool().Draw(t, "single"))
 		},
 		"sleep": func(t *rapid.T) {
 			hr := m.drawHeld(t)
 			h := hr.h
-			m.doSleep(t, h.run, h.fence, h.pos, rapid.SampledFrom([]int{1, 3}).Draw(t, "sleep-h"), rapid.Bool().Draw(t, "until"), false, hr.e, h)
+			m.doSleep(t, h.run, h.fence, hr.e.name, h.pos, rapid.SampledFrom([]int{1, 3}).Draw(t, "sleep-h"), rapid.Bool().Draw(t, "until"), false, hr.e, h)
 		},
 		"re-sleep": func(t *rapid.T) {
 			// Replay reaches a recorded sleep before its wake time and sleeps again.
@@ -1305,21 +1317,21 @@ func (m *model) actions() map[string]func(*rapid.T) {
 				t.Skip("no recorded sleep")
 			}
 			pos := sleeps[rapid.IntRange(0, len(sleeps)-1).Draw(t, "sleep")]
-			m.doSleep(t, h.run, h.fence, pos, rapid.SampledFrom([]int{1, 3}).Draw(t, "sleep-h"), true,
+			m.doSleep(t, h.run, h.fence, hr.e.name, pos, rapid.SampledFrom([]int{1, 3}).Draw(t, "sleep-h"), true,
 				rapid.IntRange(0, 3).Draw(t, "recorded-wake") > 0, hr.e, h)
 		},
 		"complete": func(t *rapid.T) {
 			hr := m.drawHeld(t)
-			m.doComplete(t, []fencedReq{{run: hr.h.run, fence: hr.h.fence, exec: hr.e, held: hr.h}}, rapid.Bool().Draw(t, "single"))
+			m.doComplete(t, []fencedReq{hr.fenced()}, rapid.Bool().Draw(t, "single"))
 		},
 		"fail": func(t *rapid.T) {
 			hr := m.drawHeld(t)
-			m.doFail(t, fencedReq{run: hr.h.run, fence: hr.h.fence, exec: hr.e, held: hr.h},
+			m.doFail(t, hr.fenced(),
 				rapid.Bool().Draw(t, "retry"), rapid.SampledFrom([]int{1, 3}).Draw(t, "backoff-h"))
 		},
 		"release": func(t *rapid.T) {
 			hr := m.drawHeld(t)
-			m.doRelease(t, fencedReq{run: hr.h.run, fence: hr.h.fence, exec: hr.e, held: hr.h})
+			m.doRelease(t, hr.fenced())
 		},
 		"extend": func(t *rapid.T) {
 			e := m.drawExec(t)
@@ -1328,7 +1340,7 @@ func (m *model) actions() map[string]func(*rapid.T) {
 			}
 			var reqs []fencedReq
 			for _, h := range e.held {
-				reqs = append(reqs, fencedReq{run: h.run, fence: h.fence, exec: e, held: h})
+				reqs = append(reqs, fencedReq{run: h.run, fence: h.fence, exec: e, held: h, owner: e.name})
 			}
 			m.doExtend(t, e.name, reqs, rapid.SampledFrom([]int{1, 3}).Draw(t, "lease-h"))
 		},
@@ -1352,35 +1364,36 @@ func (m *model) actions() map[string]func(*rapid.T) {
 }
 
 // lateWrite writes with a fence older than the run's current one (or with the current
-// fence of a run that is no longer RUNNING): every such write is refused and changes
-// nothing. The batched kinds put it in one statement with the current holder's write of
+// fence of a run that is no longer RUNNING, or with the current fence under another
+// owner, as after a claim that a crash of PostgreSQL undid): every such write is refused
+// and changes nothing. The batched kinds put it in one statement with the current holder's write of
 // the same run, as one executor's group commit does when a zombie goroutine of an old
 // claim and the goroutine of a new claim write at the same time.
 func (m *model) lateWrite(t *rapid.T) {
 	i := m.drawRun(t)
 	r := m.runs[i]
-	maxF := r.fence
-	if r.status == wire.StatusRunning {
-		maxF--
+	f := int64(rapid.IntRange(0, int(r.fence)).Draw(t, "old-fence"))
+	owner := rapid.SampledFrom(modelExecNames).Draw(t, "owner")
+	if r.status == wire.StatusRunning && f == r.fence && owner == r.owner {
+		f-- // the holder's own write is not late
 	}
-	f := int64(rapid.IntRange(0, int(maxF)).Draw(t, "old-fence"))
 	pos := len(r.steps)
 	kinds := []string{"step", "step-existing", "step-batch", "sleep", "complete", "complete-batch", "fail", "release", "extend"}
 	if m.sameRunBatches {
 		kinds = append(kinds, "step-batch-with-current", "complete-batch-with-current")
 	}
 	kind := rapid.SampledFrom(kinds).Draw(t, "write")
-	late := fencedReq{run: i, fence: f}
+	late := fencedReq{run: i, fence: f, owner: owner}
 	switch kind {
 	case "step", "step-batch":
-		m.doSteps(t, []stepReq{{run: i, fence: f, pos: pos, attempt: 1}}, kind == "step")
+		m.doSteps(t, []stepReq{{run: i, fence: f, pos: pos, attempt: 1, owner: owner}}, kind == "step")
 	case "step-existing":
 		if pos > 0 {
 			pos = rapid.IntRange(0, pos-1).Draw(t, "pos")
 		}
-		m.doSteps(t, []stepReq{{run: i, fence: f, pos: pos, attempt: 1}}, rapid.Bool().Draw(t, "single"))
+		m.doSteps(t, []stepReq{{run: i, fence: f, pos: pos, attempt: 1, owner: owner}}, rapid.Bool().Draw(t, "single"))
 	case "sleep":
-		m.doSleep(t, i, f, pos, 1, false, false, nil, nil)
+		m.doSleep(t, i, f, owner, pos, 1, false, false, nil, nil)
 	case "complete", "complete-batch":
 		m.doComplete(t, []fencedReq{late}, kind == "complete")
 	case "fail":
@@ -1388,14 +1401,14 @@ func (m *model) lateWrite(t *rapid.T) {
 	case "release":
 		m.doRelease(t, late)
 	case "extend":
-		m.doExtend(t, m.drawExec(t).name, []fencedReq{late}, 3)
+		m.doExtend(t, owner, []fencedReq{late}, 3)
 	case "step-batch-with-current", "complete-batch-with-current":
 		hr, ok := m.currentHolder(i)
 		first := rapid.Bool().Draw(t, "late-first")
 		if kind == "step-batch-with-current" {
-			reqs := []stepReq{{run: i, fence: f, pos: pos, attempt: 1}}
+			reqs := []stepReq{{run: i, fence: f, pos: pos, attempt: 1, owner: owner}}
 			if ok {
-				cur := stepReq{run: i, fence: hr.h.fence, pos: hr.h.pos, attempt: hr.h.attempt, exec: hr.e, held: hr.h}
+				cur := stepReq{run: i, fence: hr.h.fence, pos: hr.h.pos, attempt: hr.h.attempt, exec: hr.e, held: hr.h, owner: hr.e.name}
 				reqs = append(reqs, cur)
 				if !first {
 					reqs[0], reqs[1] = reqs[1], reqs[0]
@@ -1405,7 +1418,7 @@ func (m *model) lateWrite(t *rapid.T) {
 		} else {
 			reqs := []fencedReq{late}
 			if ok {
-				reqs = append(reqs, fencedReq{run: i, fence: hr.h.fence, exec: hr.e, held: hr.h})
+				reqs = append(reqs, hr.fenced())
 				if !first {
 					reqs[0], reqs[1] = reqs[1], reqs[0]
 				}

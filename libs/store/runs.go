@@ -123,6 +123,7 @@ type ClaimedRun struct {
 	Attempt     int
 	MaxAttempts int
 	Fence       int64
+	Owner       string // the lease owner that claimed it
 	// DBNow is the database clock as the claim's row was written (clock_timestamp(), not
 	// the transaction's start, which a batch of claims can put milliseconds earlier):
 	// replay compares wake times to it, and a run held until its wake time counts the
@@ -138,6 +139,11 @@ type ClaimedRun struct {
 	// sooner than this.
 	NotBefore *time.Time
 	Steps     []Step
+}
+
+// Fenced names the run as its claimer's writes must: its fence and its owner.
+func (r ClaimedRun) Fenced() FencedParams {
+	return FencedParams{RunID: r.ID, Fence: r.Fence, Owner: r.Owner}
 }
 
 // The claim names the dispatch it answers (dispatch_seq), so a stale, duplicated or forged
@@ -156,13 +162,17 @@ RETURNING version, input, attempt, max_attempts, fence, clock_timestamp(), lease
 // (a no-op claim: the caller acks the message and moves on).
 func (s *Store) RunClaim(ctx context.Context, p RunClaimParams) (run ClaimedRun, ok bool, err error) {
 	b := &pgx.Batch{}
+	b.Queue(asyncCommitSQL) // as in RunsClaim
 	b.Queue(runClaimSQL, p.RunID, p.DispatchSeq, p.Namespace, p.Workflow, p.Owner, micros(p.Lease))
 	// Same round trip (and implicit transaction) as the claim; a no-op claim ignores it.
 	b.Queue(stepsLoadSQL, p.RunID)
 	br := s.db.SendBatch(ctx, b)
 	defer br.Close()
 
-	run = ClaimedRun{ID: p.RunID, Namespace: p.Namespace, Workflow: p.Workflow}
+	run = ClaimedRun{ID: p.RunID, Namespace: p.Namespace, Workflow: p.Workflow, Owner: p.Owner}
+	if _, err := br.Exec(); err != nil {
+		return ClaimedRun{}, false, fmt.Errorf("claim run %s: %w", p.RunID, err)
+	}
 	err = br.QueryRow().Scan(&run.Version, &run.Input, &run.Attempt, &run.MaxAttempts, &run.Fence, &run.DBNow, &run.LeaseExpiresAt, &run.Lapses, &run.NotBefore)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return ClaimedRun{}, false, nil
@@ -184,20 +194,25 @@ func (s *Store) RunClaim(ctx context.Context, p RunClaimParams) (run ClaimedRun,
 	return run, true, nil
 }
 
-// FencedParams names the run and the fence an executor holds it with.
+// FencedParams names the run, the fence an executor holds it with and the executor
+// (its lease owner). The owner is checked beside the fence because a claim is committed
+// without waiting for its WAL flush (see asyncCommitSQL): a crash of PostgreSQL may undo
+// it, and the next claim then hands out the same fence again, to another executor. Owners
+// are unique per process, so the pair never names two holders.
 type FencedParams struct {
 	RunID wire.RunID
 	Fence int64
+	Owner string
 }
 
 const runCompleteSQL = `
 UPDATE workflow_runs SET status = 'COMPLETED', output = $3, error = NULL,
     lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
-WHERE id = $1 AND fence = $2 AND status = 'RUNNING'`
+WHERE id = $1 AND fence = $2 AND lease_owner = $4 AND status = 'RUNNING'`
 
 // RunComplete records the run's output. wire.ErrLeaseLost when the fence is stale.
 func (s *Store) RunComplete(ctx context.Context, p FencedParams, output []byte) error {
-	tag, err := s.db.Exec(ctx, runCompleteSQL, p.RunID, p.Fence, output)
+	tag, err := s.db.Exec(ctx, runCompleteSQL, p.RunID, p.Fence, output, p.Owner)
 	if err != nil {
 		return fmt.Errorf("complete run %s: %w", p.RunID, err)
 	}
@@ -231,14 +246,14 @@ UPDATE workflow_runs SET
     finished_at = CASE WHEN $4 AND attempt < max_attempts THEN NULL ELSE now() END,
     attempt = CASE WHEN $4 AND attempt < max_attempts THEN attempt + 1 ELSE attempt END,
     error = $3, lapses = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-WHERE id = $1 AND fence = $2 AND status = 'RUNNING'
+WHERE id = $1 AND fence = $2 AND lease_owner = $6 AND status = 'RUNNING'
 RETURNING status, attempt, CASE WHEN status = 'SLEEPING' THEN wake_at END`
 
 // RunFail ends an attempt with an error: a durable retry while attempts remain, FAILED
 // (the dead letter, with the last error) after that or when Retry is false.
 func (s *Store) RunFail(ctx context.Context, p RunFailParams) (RunFailResult, error) {
 	var r RunFailResult
-	err := s.db.QueryRow(ctx, runFailSQL, p.RunID, p.Fence, p.Error, p.Retry, micros(p.Backoff)).
+	err := s.db.QueryRow(ctx, runFailSQL, p.RunID, p.Fence, p.Error, p.Retry, micros(p.Backoff), p.Owner).
 		Scan(&r.Status, &r.Attempt, &r.WakeAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return r, fmt.Errorf("fail run %s (fence %d): %w", p.RunID, p.Fence, wire.ErrLeaseLost)
@@ -267,7 +282,7 @@ WITH r AS (
     UPDATE workflow_runs SET status = 'SLEEPING',
         wake_at = coalesce($5::timestamptz, now() + $6::bigint * interval '1 microsecond'),
         lapses = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-    WHERE id = $1 AND fence = $2 AND status = 'RUNNING'
+    WHERE id = $1 AND fence = $2 AND lease_owner = $7 AND status = 'RUNNING'
     RETURNING id, wake_at, attempt
 ), s AS (
     INSERT INTO step_runs (run_id, step_key, seq, kind, status, wake_at, attempt)
@@ -292,7 +307,7 @@ func (s *Store) RunSleep(ctx context.Context, p RunSleepParams) (wakeAt time.Tim
 	if p.Until != nil {
 		until = *p.Until
 	}
-	err = s.db.QueryRow(ctx, runSleepSQL, p.RunID, p.Fence, p.StepKey, p.Seq, until, micros(p.Duration)).Scan(&wakeAt)
+	err = s.db.QueryRow(ctx, runSleepSQL, p.RunID, p.Fence, p.StepKey, p.Seq, until, micros(p.Duration), p.Owner).Scan(&wakeAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		err = s.db.QueryRow(ctx, runSleepOwnParkSQL, p.RunID, p.Fence, p.StepKey).Scan(&wakeAt)
 		if err == nil {
@@ -311,14 +326,14 @@ func (s *Store) RunSleep(ctx context.Context, p RunSleepParams) (wakeAt time.Tim
 const runReleaseSQL = `
 UPDATE workflow_runs SET status = 'QUEUED', dispatch_seq = dispatch_seq + 1, queued_at = now(),
     lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-WHERE id = $1 AND fence = $2 AND status = 'RUNNING'
+WHERE id = $1 AND fence = $2 AND lease_owner = $3 AND status = 'RUNNING'
 RETURNING namespace, workflow, dispatch_seq, lapses`
 
 // RunRelease hands a held run back to the queue without spending an attempt (graceful
 // shutdown). The caller publishes the returned dispatch.
 func (s *Store) RunRelease(ctx context.Context, p FencedParams) (Dispatch, error) {
 	d := Dispatch{RunID: p.RunID}
-	err := s.db.QueryRow(ctx, runReleaseSQL, p.RunID, p.Fence).Scan(&d.Namespace, &d.Workflow, &d.DispatchSeq, &d.Lapses)
+	err := s.db.QueryRow(ctx, runReleaseSQL, p.RunID, p.Fence, p.Owner).Scan(&d.Namespace, &d.Workflow, &d.DispatchSeq, &d.Lapses)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return d, fmt.Errorf("release run %s (fence %d): %w", p.RunID, p.Fence, wire.ErrLeaseLost)
 	}

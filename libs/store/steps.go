@@ -61,7 +61,7 @@ type StepInsertParams struct {
 const stepInsertSQL = `
 INSERT INTO step_runs (run_id, step_key, seq, kind, status, output, error, attempt)
 SELECT r.id, $3, $4, $5, $6, $7, nullif($8, ''), $9
-FROM (SELECT id FROM workflow_runs WHERE id = $1 AND fence = $2 AND status = 'RUNNING' FOR SHARE) r`
+FROM (SELECT id FROM workflow_runs WHERE id = $1 AND fence = $2 AND lease_owner = $10 AND status = 'RUNNING' FOR SHARE) r`
 
 // StepInsert records a step result. wire.ErrLeaseLost when the fence is stale; a second
 // record of the same key is an error (the fence makes it impossible short of a bug).
@@ -72,7 +72,7 @@ func (s *Store) StepInsert(ctx context.Context, p StepInsertParams) error {
 	if p.Attempt <= 0 {
 		p.Attempt = 1
 	}
-	tag, err := s.db.Exec(ctx, stepInsertSQL, p.RunID, p.Fence, p.Key, p.Seq, p.Kind, p.Status, p.Output, p.Error, p.Attempt)
+	tag, err := s.db.Exec(ctx, stepInsertSQL, p.RunID, p.Fence, p.Key, p.Seq, p.Kind, p.Status, p.Output, p.Error, p.Attempt, p.Owner)
 	if err != nil {
 		if isUniqueViolation(err) {
 			return fmt.Errorf("record step %q of run %s: %w", p.Key, p.RunID, ErrStepExists)
@@ -95,14 +95,14 @@ var ErrStepExists = errors.New("step already recorded")
 const stepSleepInsertSQL = `
 INSERT INTO step_runs (run_id, step_key, seq, kind, status, wake_at, attempt)
 SELECT r.id, $3, $4, 'sleep', 'COMPLETED', coalesce($5::timestamptz, now() + $6::bigint * interval '1 microsecond'), r.attempt
-FROM (SELECT id, attempt FROM workflow_runs WHERE id = $1 AND fence = $2 AND status = 'RUNNING' FOR SHARE) r
+FROM (SELECT id, attempt FROM workflow_runs WHERE id = $1 AND fence = $2 AND lease_owner = $7 AND status = 'RUNNING' FOR SHARE) r
 ON CONFLICT (run_id, step_key) DO NOTHING
 RETURNING wake_at, now()`
 
 // Primary-key lookups of both tables.
 const stepSleepOwnSQL = `
 SELECT s.wake_at, now() FROM step_runs s JOIN workflow_runs r ON r.id = s.run_id
-WHERE s.run_id = $1 AND s.step_key = $3 AND s.kind = 'sleep' AND r.fence = $2 AND r.status = 'RUNNING'`
+WHERE s.run_id = $1 AND s.step_key = $3 AND s.kind = 'sleep' AND r.fence = $2 AND r.lease_owner = $4 AND r.status = 'RUNNING'`
 
 // StepSleepInsert records a sleep without parking the run and returns its wake time and
 // the database's now. wire.ErrLeaseLost when the fence is stale (or the row exists: a
@@ -112,11 +112,11 @@ func (s *Store) StepSleepInsert(ctx context.Context, p RunSleepParams) (wakeAt, 
 	if p.Until != nil {
 		until = *p.Until
 	}
-	err = s.db.QueryRow(ctx, stepSleepInsertSQL, p.RunID, p.Fence, p.StepKey, p.Seq, until, micros(p.Duration)).Scan(&wakeAt, &dbNow)
+	err = s.db.QueryRow(ctx, stepSleepInsertSQL, p.RunID, p.Fence, p.StepKey, p.Seq, until, micros(p.Duration), p.Owner).Scan(&wakeAt, &dbNow)
 	if errors.Is(err, pgx.ErrNoRows) {
 		// Either the fence is stale, or this is a retry after an ambiguous commit and the
 		// row is our own: read it back under the same fence condition.
-		err = s.db.QueryRow(ctx, stepSleepOwnSQL, p.RunID, p.Fence, p.StepKey).Scan(&wakeAt, &dbNow)
+		err = s.db.QueryRow(ctx, stepSleepOwnSQL, p.RunID, p.Fence, p.StepKey, p.Owner).Scan(&wakeAt, &dbNow)
 	}
 	if errors.Is(err, pgx.ErrNoRows) {
 		return wakeAt, dbNow, fmt.Errorf("record sleep %q of run %s (fence %d): %w", p.StepKey, p.RunID, p.Fence, wire.ErrLeaseLost)

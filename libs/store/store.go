@@ -3,8 +3,9 @@
 // domain types here, and pgx.ErrNoRows and unique violations become Kagzi's errors here,
 // so no other package sees pgx errors or SQL.
 //
-// Every executor write is fenced: it names the run, the fence the executor claimed with
-// and status RUNNING in the same statement, and zero rows means wire.ErrLeaseLost.
+// Every executor write is fenced: it names the run, the fence the executor claimed with,
+// the executor itself (its lease owner) and status RUNNING in the same statement, and zero
+// rows means wire.ErrLeaseLost.
 // Every time-dependent query takes an optional Now so tests pin the database clock.
 package store
 

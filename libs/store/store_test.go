@@ -85,11 +85,11 @@ func TestClaimFenceAndSteps(t *testing.T) {
 	if _, ok := claim(t, s, d, "b"); ok {
 		t.Fatal("second claim of the same dispatch succeeded")
 	}
-	fp := store.FencedParams{RunID: run.ID, Fence: run.Fence}
+	fp := run.Fenced()
 	if err := s.StepInsert(ctx, store.StepInsertParams{FencedParams: fp, Key: "s1", Seq: 0, Kind: wire.StepKindStep, Output: []byte(`1`)}); err != nil {
 		t.Fatal(err)
 	}
-	stalefp := store.FencedParams{RunID: run.ID, Fence: run.Fence - 1}
+	stalefp := store.FencedParams{RunID: run.ID, Fence: run.Fence - 1, Owner: run.Owner}
 	if err := s.StepInsert(ctx, store.StepInsertParams{FencedParams: stalefp, Key: "s2", Seq: 1, Kind: wire.StepKindStep}); !errors.Is(err, wire.ErrLeaseLost) {
 		t.Fatalf("stale fence step insert err = %v, want ErrLeaseLost", err)
 	}
@@ -133,7 +133,7 @@ func TestClaimFenceAndSteps(t *testing.T) {
 	if run2.NotBefore == nil || !run2.NotBefore.Equal(wake) {
 		t.Fatalf("re-claim NotBefore = %v, want the wake time %v", run2.NotBefore, wake)
 	}
-	fp2 := store.FencedParams{RunID: run.ID, Fence: run2.Fence}
+	fp2 := run2.Fenced()
 	if err := s.RunComplete(ctx, fp2, []byte(`"done"`)); err != nil {
 		t.Fatal(err)
 	}
@@ -177,7 +177,7 @@ func TestLeaseExpiryAndRetries(t *testing.T) {
 
 	d = insertRun(t, s, "k2").Dispatch
 	run, _ := claim(t, s, d, "a")
-	res, err := s.RunFail(ctx, store.RunFailParams{FencedParams: store.FencedParams{RunID: run.ID, Fence: run.Fence}, Error: "boom", Retry: true, Backoff: time.Second})
+	res, err := s.RunFail(ctx, store.RunFailParams{FencedParams: run.Fenced(), Error: "boom", Retry: true, Backoff: time.Second})
 	if err != nil || res.Status != wire.StatusSleeping || res.Attempt != 2 || res.WakeAt == nil {
 		t.Fatalf("fail with retry = %+v, %v", res, err)
 	}
@@ -268,14 +268,14 @@ func TestLapsesInARow(t *testing.T) {
 	got = append(got, run.Lapses)
 	run, _ = claim(t, s, expire(), "c")
 	got = append(got, run.Lapses)
-	if _, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: store.FencedParams{RunID: run.ID, Fence: run.Fence}, StepKey: "nap", Duration: time.Second}); err != nil {
+	if _, err := s.RunSleep(ctx, store.RunSleepParams{FencedParams: run.Fenced(), StepKey: "nap", Duration: time.Second}); err != nil {
 		t.Fatal(err)
 	}
 	run, _ = claim(t, s, wakeUp(), "d")
 	got = append(got, run.Lapses)
 	run, _ = claim(t, s, expire(), "e")
 	got = append(got, run.Lapses)
-	if _, err := s.RunFail(ctx, store.RunFailParams{FencedParams: store.FencedParams{RunID: run.ID, Fence: run.Fence}, Error: "x", Retry: true, Backoff: time.Second}); err != nil {
+	if _, err := s.RunFail(ctx, store.RunFailParams{FencedParams: run.Fenced(), Error: "x", Retry: true, Backoff: time.Second}); err != nil {
 		t.Fatal(err)
 	}
 	run, _ = claim(t, s, wakeUp(), "f")
@@ -284,7 +284,7 @@ func TestLapsesInARow(t *testing.T) {
 	got = append(got, run.Lapses)
 	// This attempt gets on (records a step) before its executor dies: a run that only
 	// stood beside a culprit, not one.
-	if err := s.StepInsert(ctx, store.StepInsertParams{FencedParams: store.FencedParams{RunID: run.ID, Fence: run.Fence},
+	if err := s.StepInsert(ctx, store.StepInsertParams{FencedParams: run.Fenced(),
 		Key: "progress", Seq: 1, Kind: wire.StepKindStep, Output: []byte(`1`), Attempt: run.Attempt}); err != nil {
 		t.Fatal(err)
 	}
@@ -293,7 +293,7 @@ func TestLapsesInARow(t *testing.T) {
 	run, _ = claim(t, s, expire(), "i")
 	got = append(got, run.Lapses)
 	// A sleep waited out in process is progress too: its row names this attempt.
-	if _, _, err := s.StepSleepInsert(ctx, store.RunSleepParams{FencedParams: store.FencedParams{RunID: run.ID, Fence: run.Fence},
+	if _, _, err := s.StepSleepInsert(ctx, store.RunSleepParams{FencedParams: run.Fenced(),
 		StepKey: "local-nap", Seq: 2, Duration: time.Millisecond}); err != nil {
 		t.Fatal(err)
 	}

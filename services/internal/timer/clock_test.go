@@ -35,7 +35,7 @@ func TestSkewedClockWakesOnTimeAndKeepsLeases(t *testing.T) {
 			d := e.insertRun(t, "nap", 5)
 			run := e.claim(t, d, time.Minute)
 			wakeAt, err := e.st.RunSleep(ctx, store.RunSleepParams{
-				FencedParams: store.FencedParams{RunID: d.RunID, Fence: run.Fence}, StepKey: "nap", Seq: 1,
+				FencedParams: run.Fenced(), StepKey: "nap", Seq: 1,
 				Duration: 300 * time.Millisecond,
 			})
 			if err != nil {

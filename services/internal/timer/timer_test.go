@@ -183,7 +183,7 @@ func TestHintedSleeperWakesOnTime(t *testing.T) {
 	d := e.insertRun(t, "nap", 5)
 	run := e.claim(t, d, time.Minute)
 	wakeAt, err := e.st.RunSleep(ctx, store.RunSleepParams{
-		FencedParams: store.FencedParams{RunID: d.RunID, Fence: run.Fence}, StepKey: "nap", Seq: 1,
+		FencedParams: run.Fenced(), StepKey: "nap", Seq: 1,
 		Duration: 300 * time.Millisecond,
 	})
 	if err != nil {
@@ -379,7 +379,7 @@ func TestTickWakesDueSleepers(t *testing.T) {
 		run := e.claim(t, d, time.Minute)
 		past := time.Now().Add(-time.Second)
 		if _, err := e.st.RunSleep(ctx, store.RunSleepParams{
-			FencedParams: store.FencedParams{RunID: d.RunID, Fence: run.Fence}, StepKey: "nap", Seq: 1, Until: &past,
+			FencedParams: run.Fenced(), StepKey: "nap", Seq: 1, Until: &past,
 		}); err != nil {
 			t.Fatal(err)
 		}
@@ -446,7 +446,7 @@ func TestRecoversFromDatabaseOutage(t *testing.T) {
 	})
 	run := e.claim(t, d, time.Minute)
 	wakeAt, err := e.st.RunSleep(ctx, store.RunSleepParams{
-		FencedParams: store.FencedParams{RunID: d.RunID, Fence: run.Fence}, StepKey: "nap", Seq: 1,
+		FencedParams: run.Fenced(), StepKey: "nap", Seq: 1,
 		Duration: 50 * time.Millisecond,
 	})
 	if err != nil {
