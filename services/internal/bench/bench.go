@@ -331,8 +331,10 @@ func writeJSON(path string, rep *Report) error {
 	return nil
 }
 
-// scratch runs fn with a fresh scenario system and always tears it down.
+// withSystem runs fn with a fresh scenario system, on a settled machine, and always tears
+// the system down.
 func (b *bencher) withSystem(ctx context.Context, scenario string, fn func(*system) error) error {
+	b.settle(ctx)
 	s, err := b.newSystem(ctx, scenario)
 	if err != nil {
 		return err

@@ -101,6 +101,7 @@ const (
 )
 
 func (b *bencher) reference(ctx context.Context) (*Reference, error) {
+	b.settle(ctx)
 	name, dbURL, err := b.createDatabase(ctx, "ref")
 	if err != nil {
 		return nil, err
