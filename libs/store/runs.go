@@ -210,7 +210,8 @@ UPDATE workflow_runs SET status = 'COMPLETED', output = $3, error = NULL,
     lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
 WHERE id = $1 AND fence = $2 AND lease_owner = $4 AND status = 'RUNNING'`
 
-// RunComplete records the run's output. wire.ErrLeaseLost when the fence is stale.
+// RunComplete records the run's output. wire.ErrLeaseLost when the fence is stale or
+// names another owner.
 func (s *Store) RunComplete(ctx context.Context, p FencedParams, output []byte) error {
 	tag, err := s.db.Exec(ctx, runCompleteSQL, p.RunID, p.Fence, output, p.Owner)
 	if err != nil {
@@ -293,7 +294,9 @@ SELECT wake_at FROM r`
 
 // A sleep that runSleepSQL already committed under this fence, seen again by its own
 // retry: only a park under the fence makes a run SLEEPING at it, and one execution parks
-// once. Primary-key lookups of the run and of its step.
+// once. A parked run has no lease owner left to compare: should a claim undone by a crash
+// have handed the fence to a second executor that parked the run, the first takes that
+// park for its own, and stops, as it must. Primary-key lookups of the run and of its step.
 const runSleepOwnParkSQL = `
 SELECT r.wake_at FROM workflow_runs r
 JOIN step_runs s ON s.run_id = r.id AND s.step_key = $3
