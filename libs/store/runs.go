@@ -357,7 +357,8 @@ const runsExtendLeasesSQL = `
 UPDATE workflow_runs r SET lease_expires_at = now() + $4::bigint * interval '1 microsecond'
 FROM unnest($1::uuid[], $2::bigint[]) AS h(id, fence),
     (` + lockRunsInOrder + `) l
-WHERE r.id = ANY ($1::uuid[]) AND r.id = l.id AND r.id = h.id AND r.fence = h.fence AND r.status = 'RUNNING' AND r.lease_owner = $3
+WHERE r.id = ANY ($1::uuid[]) AND r.id = l.id AND r.id = h.id AND r.fence = h.fence AND r.status = 'RUNNING' COLLATE "C"
+  AND r.lease_owner = $3
 RETURNING r.id::text`
 
 // RunsExtendLeases renews the leases of every run an executor holds in one statement and
