@@ -20,8 +20,9 @@ import (
 
 // The statements that name their runs by an array of ids read them by the primary key
 // even when the table's statistics were taken while it was small and it has grown since
-// (see byPrimaryKey in batch.go): a new deployment's first burst, 20,000 runs queued and 5,000 running.
-// Both plans a prepared statement may run are checked, the custom and the generic.
+// (see byPrimaryKey in batch.go): a new deployment's first burst, 20,000 runs queued and
+// 5,000 running. Both plans a prepared statement may run are checked, the custom and the
+// generic.
 func TestBatchStatementsReadByPrimaryKey(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
