@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/kagzi/kagzi/libs/wire"
 )
@@ -240,6 +241,9 @@ RETURNING run_id::text, step_key`
 // Answers are matched to requests by run, so a batch must not hold two writes of one run
 // (a zombie's and its successor's): every write after a run's first is made on its own.
 func (s *Store) StepsInsert(ctx context.Context, ps []StepInsertParams) []error {
+	if len(ps) == 1 {
+		return []error{s.StepInsert(ctx, ps[0])} // batchOfOne
+	}
 	if extra := laterOfSameRun(len(ps), func(i int) wire.RunID { return ps[i].RunID }); len(extra) > 0 {
 		out := make([]error, len(ps))
 		first := make([]StepInsertParams, 0, len(ps))
@@ -301,12 +305,7 @@ func stepsInsertArgs(ps []StepInsertParams) []any {
 	seqs, kinds, statuses := make([]int32, n), make([]string, n), make([]string, n)
 	outputs, errs, attempts, owners := make([][]byte, n), make([]string, n), make([]int32, n), make([]string, n)
 	for i, p := range ps {
-		if p.Status == "" {
-			p.Status = "COMPLETED"
-		}
-		if p.Attempt <= 0 {
-			p.Attempt = 1
-		}
+		p = p.withDefaults()
 		ids[i], fences[i], keys[i] = p.RunID, p.Fence, p.Key
 		seqs[i], kinds[i], statuses[i] = int32(p.Seq), string(p.Kind), p.Status
 		outputs[i], errs[i], attempts[i], owners[i] = p.Output, p.Error, int32(p.Attempt), p.Owner
@@ -366,6 +365,9 @@ WHERE r.status = 'COMPLETED' AND r.output = c.output`
 // RunsComplete completes many runs in one statement; each result is nil or wraps
 // wire.ErrLeaseLost. As in StepsInsert, a second request for one run is made on its own.
 func (s *Store) RunsComplete(ctx context.Context, reqs []CompleteRequest) []error {
+	if len(reqs) == 1 {
+		return []error{s.completeOne(ctx, reqs[0])} // batchOfOne
+	}
 	if extra := laterOfSameRun(len(reqs), func(i int) wire.RunID { return reqs[i].RunID }); len(extra) > 0 {
 		out := make([]error, len(reqs))
 		first := make([]CompleteRequest, 0, len(reqs))
@@ -424,6 +426,64 @@ func (s *Store) RunsComplete(ctx context.Context, reqs []CompleteRequest) []erro
 		}
 	}
 	return out
+}
+
+// batchOfOne: a batch of one write, which is what group commit makes of every write on a
+// quiet system (each of S2's), runs the single-run statements: primary-key lookups with
+// scalar parameters, where the batch forms join arrays. Three alternated runs of the
+// store's benchmarks, µs per write, batch forms against these: a step 380–423 against
+// 290–311, a completion 367–547 against 286–297, a completion with its last step
+// 460–513 against 342–367. S2 went from 9.9–10.7 to 8.3–8.7 one-row commits at the
+// median. The answers are the same: the batch forms fall back to the single ones
+// wherever a row was not written.
+
+// stepInsertOrKeepSQL is stepInsertSQL keeping a row the same request wrote before (a
+// retry after an ambiguous commit), as stepsInsertSQL does, for the last step a
+// completion records.
+const stepInsertOrKeepSQL = stepInsertSQL + `
+ON CONFLICT (run_id, step_key) DO NOTHING`
+
+// completeOne is RunsComplete for one run (batchOfOne): the completion, with its last
+// step in the same transaction, and the same re-check of a completion that committed
+// though its answer was lost.
+func (s *Store) completeOne(ctx context.Context, r CompleteRequest) error {
+	var done bool
+	var err error
+	if r.Step == nil {
+		var tag pgconn.CommandTag
+		tag, err = s.db.Exec(ctx, runCompleteSQL, r.RunID, r.Fence, r.Output, r.Owner)
+		done = err == nil && tag.RowsAffected() == 1
+	} else {
+		st := *r.Step
+		st.FencedParams = r.FencedParams
+		b := &pgx.Batch{}
+		b.Queue(stepInsertOrKeepSQL, stepInsertArgs(st)...)
+		b.Queue(runCompleteSQL, r.RunID, r.Fence, r.Output, r.Owner)
+		br := s.db.SendBatch(ctx, b)
+		var tag pgconn.CommandTag
+		if _, err = br.Exec(); err == nil {
+			tag, err = br.Exec()
+		}
+		if cerr := br.Close(); err == nil {
+			err = cerr
+		}
+		done = err == nil && tag.RowsAffected() == 1
+	}
+	if err == nil && !done {
+		var rows pgx.Rows
+		if rows, err = s.db.Query(ctx, runsCompletedByFenceSQL, []string{r.RunID}, []int64{r.Fence}, [][]byte{r.Output}); err == nil {
+			var already map[string]bool
+			already, err = collectIDs(rows)
+			done = already[r.RunID]
+		}
+	}
+	switch {
+	case err != nil:
+		return fmt.Errorf("complete 1 runs: %w", err)
+	case !done:
+		return fmt.Errorf("complete run %s (fence %d): %w", r.RunID, r.Fence, wire.ErrLeaseLost)
+	}
+	return nil
 }
 
 // completeWithSteps records the last steps and completes the runs in one implicit

@@ -66,13 +66,7 @@ FROM (SELECT id FROM workflow_runs WHERE id = $1 AND fence = $2 AND lease_owner 
 // StepInsert records a step result. wire.ErrLeaseLost when the fence is stale; a second
 // record of the same key is an error (the fence makes it impossible short of a bug).
 func (s *Store) StepInsert(ctx context.Context, p StepInsertParams) error {
-	if p.Status == "" {
-		p.Status = "COMPLETED"
-	}
-	if p.Attempt <= 0 {
-		p.Attempt = 1
-	}
-	tag, err := s.db.Exec(ctx, stepInsertSQL, p.RunID, p.Fence, p.Key, p.Seq, p.Kind, p.Status, p.Output, p.Error, p.Attempt, p.Owner)
+	tag, err := s.db.Exec(ctx, stepInsertSQL, stepInsertArgs(p)...)
 	if err != nil {
 		if isUniqueViolation(err) {
 			return fmt.Errorf("record step %q of run %s: %w", p.Key, p.RunID, ErrStepExists)
@@ -83,6 +77,23 @@ func (s *Store) StepInsert(ctx context.Context, p StepInsertParams) error {
 		return fmt.Errorf("record step %q of run %s (fence %d): %w", p.Key, p.RunID, p.Fence, wire.ErrLeaseLost)
 	}
 	return nil
+}
+
+// withDefaults fills in what a caller may leave out: status COMPLETED, attempt 1.
+func (p StepInsertParams) withDefaults() StepInsertParams {
+	if p.Status == "" {
+		p.Status = "COMPLETED"
+	}
+	if p.Attempt <= 0 {
+		p.Attempt = 1
+	}
+	return p
+}
+
+// stepInsertArgs are stepInsertSQL's parameters (and stepInsertOrKeepSQL's).
+func stepInsertArgs(p StepInsertParams) []any {
+	p = p.withDefaults()
+	return []any{p.RunID, p.Fence, p.Key, p.Seq, p.Kind, p.Status, p.Output, p.Error, p.Attempt, p.Owner}
 }
 
 // ErrStepExists means a step key was recorded twice for one run.
