@@ -165,7 +165,11 @@ func (s *Store) RunClaim(ctx context.Context, p RunClaimParams) (run ClaimedRun,
 	b.Queue(asyncCommitSQL) // as in RunsClaim
 	b.Queue(runClaimSQL, p.RunID, p.DispatchSeq, p.Namespace, p.Workflow, p.Owner, micros(p.Lease))
 	// Same round trip (and implicit transaction) as the claim; a no-op claim ignores it.
-	b.Queue(stepsLoadSQL, p.RunID)
+	// A first dispatch has no steps to read (as in RunsClaim).
+	loadSteps := p.DispatchSeq != firstDispatchSeq
+	if loadSteps {
+		b.Queue(stepsLoadSQL, p.RunID)
+	}
 	br := s.db.SendBatch(ctx, b)
 	defer br.Close()
 
@@ -180,13 +184,14 @@ func (s *Store) RunClaim(ctx context.Context, p RunClaimParams) (run ClaimedRun,
 	if err != nil {
 		return ClaimedRun{}, false, fmt.Errorf("claim run %s: %w", p.RunID, err)
 	}
-	rows, err := br.Query()
-	if err != nil {
-		return ClaimedRun{}, false, fmt.Errorf("load steps of run %s: %w", p.RunID, err)
-	}
-	run.Steps, err = scanSteps(rows)
-	if err != nil {
-		return ClaimedRun{}, false, fmt.Errorf("load steps of run %s: %w", p.RunID, err)
+	if loadSteps {
+		rows, err := br.Query()
+		if err != nil {
+			return ClaimedRun{}, false, fmt.Errorf("load steps of run %s: %w", p.RunID, err)
+		}
+		if run.Steps, err = scanSteps(rows); err != nil {
+			return ClaimedRun{}, false, fmt.Errorf("load steps of run %s: %w", p.RunID, err)
+		}
 	}
 	if err := br.Close(); err != nil {
 		return ClaimedRun{}, false, fmt.Errorf("claim run %s: %w", p.RunID, err)
