@@ -487,7 +487,7 @@ func (s *Store) completeOne(ctx context.Context, r CompleteRequest) error {
 	}
 	switch {
 	case err != nil:
-		return fmt.Errorf("complete 1 runs: %w", err)
+		return fmt.Errorf("complete run %s: %w", r.RunID, err)
 	case !done:
 		return fmt.Errorf("complete run %s (fence %d): %w", r.RunID, r.Fence, wire.ErrLeaseLost)
 	}
