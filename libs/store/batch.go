@@ -412,14 +412,10 @@ func (s *Store) RunsComplete(ctx context.Context, reqs []CompleteRequest) []erro
 		done, err = s.completeWithSteps(ctx, steps, ids, fences, outputs, owners)
 	}
 	if err == nil && len(done) < len(reqs) {
-		// A retry after an ambiguous commit finds its own completion: not an error.
-		var rows pgx.Rows
-		if rows, err = s.db.Query(ctx, runsCompletedByFenceSQL, ids, fences, outputs); err == nil {
-			var already map[string]bool
-			if already, err = collectIDs(rows); err == nil {
-				for id := range already {
-					done[id] = true
-				}
+		var already map[string]bool
+		if already, err = s.completedByFence(ctx, ids, fences, outputs); err == nil {
+			for id := range already {
+				done[id] = true
 			}
 		}
 	}
@@ -478,12 +474,9 @@ func (s *Store) completeOne(ctx context.Context, r CompleteRequest) error {
 		done = err == nil && tag.RowsAffected() == 1
 	}
 	if err == nil && !done {
-		var rows pgx.Rows
-		if rows, err = s.db.Query(ctx, runsCompletedByFenceSQL, []string{r.RunID}, []int64{r.Fence}, [][]byte{r.Output}); err == nil {
-			var already map[string]bool
-			already, err = collectIDs(rows)
-			done = already[r.RunID]
-		}
+		var already map[string]bool
+		already, err = s.completedByFence(ctx, []string{r.RunID}, []int64{r.Fence}, [][]byte{r.Output})
+		done = already[r.RunID]
 	}
 	switch {
 	case err != nil:
@@ -492,6 +485,16 @@ func (s *Store) completeOne(ctx context.Context, r CompleteRequest) error {
 		return fmt.Errorf("complete run %s (fence %d): %w", r.RunID, r.Fence, wire.ErrLeaseLost)
 	}
 	return nil
+}
+
+// completedByFence finds, of completions that did not take, those a retry after an
+// ambiguous commit is looking at: its own, committed already (runsCompletedByFenceSQL).
+func (s *Store) completedByFence(ctx context.Context, ids []string, fences []int64, outputs [][]byte) (map[string]bool, error) {
+	rows, err := s.db.Query(ctx, runsCompletedByFenceSQL, ids, fences, outputs)
+	if err != nil {
+		return nil, err
+	}
+	return collectIDs(rows)
 }
 
 // completeWithSteps records the last steps and completes the runs in one implicit

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/kagzi/kagzi/libs/store"
 	"github.com/kagzi/kagzi/libs/wire"
 )
@@ -13,9 +15,9 @@ import (
 // undoClaim puts a claimed run back as PostgreSQL's crash recovery leaves it when the
 // claim's commit had not reached disk: QUEUED at the same dispatch, with the fence the
 // claim found.
-func undoClaim(t *testing.T, ctx context.Context, s *store.Store, exec func(ctx context.Context, sql string, args ...any) error, run store.ClaimedRun) store.Dispatch {
+func undoClaim(t *testing.T, ctx context.Context, pool *pgxpool.Pool, run store.ClaimedRun) store.Dispatch {
 	t.Helper()
-	if err := exec(ctx, `UPDATE workflow_runs SET status = 'QUEUED', fence = fence - 1, lease_owner = NULL,
+	if _, err := pool.Exec(ctx, `UPDATE workflow_runs SET status = 'QUEUED', fence = fence - 1, lease_owner = NULL,
 		lease_expires_at = NULL WHERE id = $1 AND fence = $2`, run.ID, run.Fence); err != nil {
 		t.Fatal(err)
 	}
@@ -29,10 +31,6 @@ func TestUndoneClaimFencesItsExecutor(t *testing.T) {
 	t.Parallel()
 	s, pool := newStore(t)
 	ctx := context.Background()
-	exec := func(ctx context.Context, sql string, args ...any) error {
-		_, err := pool.Exec(ctx, sql, args...)
-		return err
-	}
 	lost := func(what string, err error) {
 		t.Helper()
 		if !errors.Is(err, wire.ErrLeaseLost) {
@@ -45,7 +43,7 @@ func TestUndoneClaimFencesItsExecutor(t *testing.T) {
 	if !ok {
 		t.Fatal("first claim took nothing")
 	}
-	second, ok := claim(t, s, undoClaim(t, ctx, s, exec, first), "exec-b/1")
+	second, ok := claim(t, s, undoClaim(t, ctx, pool, first), "exec-b/1")
 	if !ok || second.Fence != first.Fence {
 		t.Fatalf("claim after the undone one = %+v ok=%v, want fence %d again", second, ok, first.Fence)
 	}
