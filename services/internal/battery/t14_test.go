@@ -18,6 +18,14 @@ import (
 	"github.com/kagzi/kagzi/services/internal/battery/chaoswf"
 )
 
+// t14AllKinds are the poison kinds BATTERY.md's T14 mixes with the good runs.
+var t14AllKinds = []string{chaoswf.PoisonPanic, chaoswf.PoisonError, chaoswf.PoisonLoop, chaoswf.PoisonExit}
+
+// t14Kinds narrows T14's poison to some kinds, to measure what each costs the good runs'
+// p99 (logT14Slots says where the slots went).
+var t14Kinds = flag.String("kagzi.t14-kinds", strings.Join(t14AllKinds, ","),
+	"the poison kinds T14 mixes in, comma-separated (BATTERY.md: all four); fewer to measure what each costs")
+
 // T14 — poison workflows. max_attempts 5, retry backoff 100 ms (the chaos executor's),
 // lease 1 s, a 1 s timeout on every step body. First W good 3-step runs alone measure
 // the completion p99 of a run without poison; then W more good runs are started mixed
@@ -39,14 +47,6 @@ import (
 // os.Exit run are what the first and last criteria are about. A run that lapsed twice in
 // a row runs alone (sdk.WorkerConfig.IsolateAfterLapses), so an os.Exit run takes others
 // down on its first two attempts only, and a good run hit twice is safe from a third.
-// t14AllKinds are the poison kinds BATTERY.md's T14 mixes with the good runs.
-var t14AllKinds = []string{chaoswf.PoisonPanic, chaoswf.PoisonError, chaoswf.PoisonLoop, chaoswf.PoisonExit}
-
-// t14Kinds narrows T14's poison to some kinds, to measure what each costs the good runs'
-// p99 (logT14Slots says where the slots went).
-var t14Kinds = flag.String("kagzi.t14-kinds", strings.Join(t14AllKinds, ","),
-	"the poison kinds T14 mixes in, comma-separated (BATTERY.md: all four); fewer to measure what each costs")
-
 func TestT14PoisonWorkflows(t *testing.T) {
 	w := pick(500, 5000)
 	n := pick(20, 100)
@@ -532,9 +532,10 @@ func (s *system) logT14Timeline(goodIDs, poisonIDs []string, exits []time.Time) 
 // executors have in it, and what the good runs of the poison-free phase held in all.
 // An attempt holds its slot from its claim to the run's next transition; an os.Exit
 // attempt's ends when the restarted executor hands it back, and its executor's other
-// slots were lost meanwhile (restarts counts those deaths). When good and poison
-// attempts need more than the window holds, no scheduling meets the criterion.
-func (s *system) logT14Slots(baseIDs, goodIDs []string, kinds []string, byKind map[string][]string, slots int, baseP99 float64, restarts int) {
+// slots were lost meanwhile (restarts counts those deaths). When the poison's attempts
+// and what the good runs need exceed what the window holds, a claim order that cannot
+// tell poison from good runs does not meet the criterion.
+func (s *system) logT14Slots(baseIDs, goodIDs, kinds []string, byKind map[string][]string, slots int, baseP99 float64, restarts int) {
 	s.t.Helper()
 	var start time.Time
 	if err := s.pool.QueryRow(context.Background(), `SELECT min(created_at) FROM workflow_runs WHERE id = ANY ($1::uuid[])`,
