@@ -284,14 +284,13 @@ supervise:
 	//   - without the os.Exit kind, the infinite loops alone (500 attempts holding a slot
 	//     for the 1 s step timeout, 21 s of all 24 slots) put the p99 at 2.0× already.
 	//     At the gate size (-kagzi.t14-kinds, one run each on the quiet machine): loops
-	//     alone 1.61-1.73×, panics and errors 1.15-1.37×, the three together 1.87-2.05×,
-	//     os.Exit alone 6.6×. With the three, their attempts held 11.9 slot-seconds of the
-	//     35.0 in the criterion's window, and the good runs needed 26.4 in all (their
-	//     poison-free phase): 38.3 > 35.0, so at this size a claim order blind to which
-	//     runs are poison does not meet the criterion, in expectation. At the chaos size
-	//     the window is wider than the poison (non-exit kinds 64 of its 528 slot-seconds,
-	//     the good runs 335): there the os.Exit kind sets the tail, 11 % of the good runs
-	//     losing an attempt beside it, and the runs no death touched at 2.0×.
+	//     alone 1.61-1.73×, panics and errors 1.15-1.37×, the three together 1.65-2.05×,
+	//     at the edge of the criterion but mostly within it, and os.Exit alone 6.6×. In
+	//     the criterion's window (logT14Slots) the three's attempts held 16-17 of its 48-49
+	//     slot-seconds beside the 30-34 the good runs need: a tight fit, not an
+	//     impossible one. At the chaos size they held 64 of its 528, beside the good runs'
+	//     335. The os.Exit kind sets the tail at both sizes: at the chaos size 11 % of
+	//     the good runs lose an attempt beside it, and those no death touched are at 2.0×.
 	//   - the slowest runs (the histories above) are innocents killed twice in a row: a
 	//     death's runs are handed back together and claimed again together, and the
 	//     culprit's second attempt (one lapse, not yet isolated) kills them again; they
@@ -303,7 +302,12 @@ supervise:
 	// On the quiet machine the runs no death touched already have a p99 of 2.1-2.8× the
 	// baseline at both sizes. Spreading the hand-back over time, a crash-loop backoff on
 	// runs with lapses, and suspects deferring to other work left the tail about where it
-	// was (tried once or twice each). The gate holds the engine to what it controls (nothing lost, no innocent run
+	// was (tried once or twice each). So did a run with one lapse stepping back (NAK
+	// 50 ms, 4 deliveries at most) while its executor held another such run: os.Exit
+	// alone 7.5-9.3× against 6.6×, all kinds 15.3-15.4× against 12-15×, at the gate size.
+	// A 1 s AckWait brought the stranded doorbells back sooner (with os.Exit alone, the
+	// slowest run no death touched took 2.0 s against 5.8) and left the p99 as it was.
+	// The gate holds the engine to what it controls (nothing lost, no innocent run
 	// dead-lettered, poison runs failed on their fifth attempt); the chaos tier holds it
 	// to BATTERY.md's p99 criterion as well, and reports it failed until it is met.
 	if p99 > 2*baseP99 {
@@ -527,7 +531,8 @@ func (s *system) logT14Timeline(goodIDs, poisonIDs []string, exits []time.Time) 
 }
 
 // logT14Slots logs where the executors' slots went in the window the p99 criterion
-// allows the good runs (the mixed start plus twice the poison-free p99): the slot-seconds
+// allows the good runs (from the mixed start to the last good start plus twice the
+// poison-free p99, the deadline of the last of them): the slot-seconds
 // held by the attempts of good runs and of each poison kind, against the slots the
 // executors have in it, and what the good runs of the poison-free phase held in all.
 // An attempt holds its slot from its claim to the run's next transition; an os.Exit
@@ -537,15 +542,15 @@ func (s *system) logT14Timeline(goodIDs, poisonIDs []string, exits []time.Time) 
 // tell poison from good runs does not meet the criterion.
 func (s *system) logT14Slots(baseIDs, goodIDs, kinds []string, byKind map[string][]string, slots int, baseP99 float64, restarts int) {
 	s.t.Helper()
-	var start time.Time
-	if err := s.pool.QueryRow(context.Background(), `SELECT min(created_at) FROM workflow_runs WHERE id = ANY ($1::uuid[])`,
-		goodIDs).Scan(&start); err != nil {
+	var start, lastStart time.Time
+	if err := s.pool.QueryRow(context.Background(), `SELECT min(created_at), max(created_at) FROM workflow_runs WHERE id = ANY ($1::uuid[])`,
+		goodIDs).Scan(&start, &lastStart); err != nil {
 		s.t.Fatalf("slots: %v", err)
 	}
-	window := time.Duration(2 * baseP99 * float64(time.Second))
-	end := start.Add(window)
+	end := lastStart.Add(time.Duration(2 * baseP99 * float64(time.Second)))
+	window := end.Sub(start)
 	var b strings.Builder
-	fmt.Fprintf(&b, "slot-seconds held in the first %.3f s of the mixed phase (2 × the poison-free p99), of the %.1f that %d slots hold: good %.1f",
+	fmt.Fprintf(&b, "slot-seconds held from the mixed start to the last good run's deadline (its start + 2 × the poison-free p99), %.3f s, of the %.1f that %d slots hold in it: good %.1f",
 		window.Seconds(), float64(slots)*window.Seconds(), slots, s.slotSeconds(goodIDs, start, end))
 	for _, kind := range kinds {
 		fmt.Fprintf(&b, ", %s %.1f", kind, s.slotSeconds(byKind[kind], start, end))
