@@ -304,7 +304,7 @@ supervise:
 	// runs with lapses, and suspects deferring to other work left the tail about where it
 	// was (tried once or twice each). So did a run with one lapse stepping back (NAK
 	// 50 ms, 4 deliveries at most) while its executor held another such run: os.Exit
-	// alone 7.5-9.3× against 6.6×, all kinds 15.3-15.4× against 12-15×, at the gate size.
+	// alone 7.5-9.3× against 6.6×, all kinds 15.3-15.4× against 12-16×, at the gate size.
 	// A 1 s AckWait brought the stranded doorbells back sooner (with os.Exit alone, the
 	// slowest run no death touched took 2.0 s against 5.8) and left the p99 as it was.
 	// The gate holds the engine to what it controls (nothing lost, no innocent run
