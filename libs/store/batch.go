@@ -451,12 +451,10 @@ ON CONFLICT (run_id, step_key) DO NOTHING`
 // step in the same transaction, and the same re-check of a completion that committed
 // though its answer was lost.
 func (s *Store) completeOne(ctx context.Context, r CompleteRequest) error {
-	var done bool
+	var tag pgconn.CommandTag
 	var err error
 	if r.Step == nil {
-		var tag pgconn.CommandTag
 		tag, err = s.db.Exec(ctx, runCompleteSQL, r.RunID, r.Fence, r.Output, r.Owner)
-		done = err == nil && tag.RowsAffected() == 1
 	} else {
 		st := *r.Step
 		st.FencedParams = r.FencedParams
@@ -464,15 +462,14 @@ func (s *Store) completeOne(ctx context.Context, r CompleteRequest) error {
 		b.Queue(stepInsertOrKeepSQL, stepInsertArgs(st)...)
 		b.Queue(runCompleteSQL, r.RunID, r.Fence, r.Output, r.Owner)
 		br := s.db.SendBatch(ctx, b)
-		var tag pgconn.CommandTag
 		if _, err = br.Exec(); err == nil {
 			tag, err = br.Exec()
 		}
 		if cerr := br.Close(); err == nil {
 			err = cerr
 		}
-		done = err == nil && tag.RowsAffected() == 1
 	}
+	done := err == nil && tag.RowsAffected() == 1
 	if err == nil && !done {
 		var already map[string]bool
 		already, err = s.completedByFence(ctx, []string{r.RunID}, []int64{r.Fence}, [][]byte{r.Output})

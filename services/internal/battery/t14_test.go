@@ -259,8 +259,13 @@ supervise:
 	s.logLatencies("good runs with poison that lost none", slices.DeleteFunc(slices.Clone(goodIDs), func(id string) bool {
 		return slices.Contains(lapsed, id)
 	}))
-	s.logT14Timeline(goodIDs, poisonIDs, exits)
-	s.logT14Slots(baseIDs, goodIDs, kinds, byKind, len(execs)*8, baseP99, len(dead))
+	var mixedStart, lastGoodStart time.Time
+	if err := s.pool.QueryRow(context.Background(), `SELECT min(created_at), max(created_at) FROM workflow_runs WHERE id = ANY ($1::uuid[])`,
+		goodIDs).Scan(&mixedStart, &lastGoodStart); err != nil {
+		t.Fatalf("start times of the good runs: %v", err)
+	}
+	s.logT14Timeline(goodIDs, poisonIDs, exits, mixedStart)
+	s.logT14Slots(baseIDs, goodIDs, kinds, byKind, len(execs)*8, baseP99, len(dead), mixedStart, lastGoodStart)
 	// The tail itself: what the slowest good runs went through, each transition at its
 	// time since the run's start, with the attempt it began and the pid that held it.
 	for _, line := range s.lines(`SELECT format('slow good run %s, %s s: %s', r.id, round(extract(epoch FROM r.finished_at - r.created_at)::numeric, 3),
@@ -474,14 +479,9 @@ func (s *system) repeatsOf(ids []string, faulted []int) (repeats, unexplained in
 
 // logT14Timeline logs, per 5 s since the mixed start, the claims of good and of poison
 // runs, the good runs completed and the executor exits: where the time with poison went.
-func (s *system) logT14Timeline(goodIDs, poisonIDs []string, exits []time.Time) {
+func (s *system) logT14Timeline(goodIDs, poisonIDs []string, exits []time.Time, start time.Time) {
 	s.t.Helper()
 	const bucket = 5.0
-	var start time.Time
-	if err := s.pool.QueryRow(context.Background(), `SELECT min(created_at) FROM workflow_runs WHERE id = ANY ($1::uuid[])`,
-		goodIDs).Scan(&start); err != nil {
-		s.t.Fatalf("timeline: %v", err)
-	}
 	type row struct{ goodClaims, poisonClaims, completed, exits int }
 	var tl []row
 	at := func(sec float64) *row {
@@ -540,13 +540,9 @@ func (s *system) logT14Timeline(goodIDs, poisonIDs []string, exits []time.Time) 
 // slots were lost meanwhile (restarts counts those deaths). When the poison's attempts
 // and what the good runs need exceed what the window holds, a claim order that cannot
 // tell poison from good runs does not meet the criterion.
-func (s *system) logT14Slots(baseIDs, goodIDs, kinds []string, byKind map[string][]string, slots int, baseP99 float64, restarts int) {
+func (s *system) logT14Slots(baseIDs, goodIDs, kinds []string, byKind map[string][]string, slots int, baseP99 float64, restarts int,
+	start, lastStart time.Time) {
 	s.t.Helper()
-	var start, lastStart time.Time
-	if err := s.pool.QueryRow(context.Background(), `SELECT min(created_at), max(created_at) FROM workflow_runs WHERE id = ANY ($1::uuid[])`,
-		goodIDs).Scan(&start, &lastStart); err != nil {
-		s.t.Fatalf("slots: %v", err)
-	}
 	end := lastStart.Add(time.Duration(2 * baseP99 * float64(time.Second)))
 	window := end.Sub(start)
 	var b strings.Builder
