@@ -18,6 +18,9 @@ import (
 var exampleEnv *env
 
 func TestMain(m *testing.M) {
+	if _, ok := os.LookupEnv("KAGZI_SANDBOX"); ok {
+		os.Exit(sandboxMain()) // this process is a sandbox of a test's worker
+	}
 	os.Exit(runTests(m))
 }
 

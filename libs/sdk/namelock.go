@@ -6,9 +6,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/kagzi/kagzi/libs/bus"
 	"github.com/kagzi/kagzi/libs/store"
-	"github.com/kagzi/kagzi/libs/wire"
 )
 
 // nameLock holds a named worker's advisory lock (store.WorkerNameTryLock) on a connection
@@ -191,26 +189,8 @@ func (n *nameLock) recover(ctx context.Context) {
 			}
 			return
 		}
-		bells := make([]bus.Doorbell, 0, len(es))
-		for _, e := range es {
-			if e.Status == wire.StatusFailed {
-				failed++
-				w.log.Warn("run of an earlier incarnation was on its last attempt; run failed", "run_id", e.RunID, "workflow", e.Workflow)
-				w.bus.PublishDone(e.Namespace, e.RunID, wire.StatusFailed, nil)
-				continue
-			}
-			requeued++
-			bells = append(bells, bus.Doorbell{Namespace: e.Namespace, Workflow: e.Workflow,
-				Task: wire.Task{RunID: e.RunID, DispatchSeq: e.DispatchSeq, Lapses: e.Lapses}})
-		}
-		if len(bells) > 0 {
-			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			// Not fatal: the runs are QUEUED, and the reconciler relays a lost doorbell.
-			if err := w.bus.PublishTasks(pctx, bells); err != nil {
-				w.log.Warn("publish doorbells of runs of earlier incarnations; the reconciler will relay them", "count", len(bells), "error", err)
-			}
-			cancel()
-		}
+		r, f := w.announceExpiries(ctx, es)
+		requeued, failed = requeued+r, failed+f
 		if len(es) < predecessorBatch {
 			break
 		}

@@ -79,8 +79,23 @@ type WorkerConfig struct {
 	// attempts on another's crashes. One lapse is not enough to isolate a run: every run
 	// an executor held when it was killed has one. Nor is a run counted again whose
 	// attempt recorded a step before it lapsed: it got on, and only stood beside what
-	// killed its executor. Default 2; negative: never.
+	// killed its executor. Default 2, or 1 with Sandboxes; negative: never.
 	IsolateAfterLapses int
+	// Sandboxes: when above 0, a run that must run alone (IsolateAfterLapses) runs in a
+	// sandbox instead, a child process that runs one run at a time, at most this many at
+	// once; the executor goes on taking work beside them. A run that kills its process
+	// then kills only its sandbox, whose death the executor sees at once: the attempt
+	// ends then, not a lease later. Running alone is then cheap, so one lapse is enough.
+	// Should a sandbox not start, the run runs alone here as without sandboxes.
+	//
+	// A sandbox is this program started again (os.Executable) with the same arguments
+	// and environment, plus KAGZI_SANDBOX. Its main must reach this worker's Start as it
+	// did here, configured alike and without side effects that two processes cannot
+	// share (a listening port, say): in a sandbox, Start serves the runs its executor
+	// hands it and ends the process when the executor stops or dies, never returning.
+	// One worker per namespace and program; another worker's Start in a sandbox returns
+	// at once and takes no work. The sandboxes count against Concurrency.
+	Sandboxes int
 }
 
 func (c *WorkerConfig) setDefaults() error {
@@ -126,7 +141,11 @@ func (c *WorkerConfig) setDefaults() error {
 	}
 	if c.IsolateAfterLapses == 0 {
 		c.IsolateAfterLapses = 2
+		if c.Sandboxes > 0 {
+			c.IsolateAfterLapses = 1
+		}
 	}
+	c.Sandboxes = min(max(c.Sandboxes, 0), c.Concurrency)
 	if c.Name != "" {
 		if err := wire.ValidateName("worker", c.Name); err != nil {
 			return err
@@ -158,12 +177,15 @@ type WorkerStats struct {
 	LeaseLost      int64 // runs dropped because their lease was lost
 	Released       int64 // runs handed back: at shutdown, or to make way for a run that runs alone
 	RanAlone       int64 // attempts run alone after lapses in a row (IsolateAfterLapses)
+	Sandboxed      int64 // attempts run in a sandbox (Sandboxes), counted in Claimed too
+	SandboxesLost  int64 // sandboxes that died while they ran a run
 	InFlight       int64
 }
 
 type workerMetrics struct {
 	claimed, claimNoops, poison, stepsRecorded, completed, failed, retried atomic.Int64
 	fencedRejected, leaseLost, released, inFlight, stepTimeouts, ranAlone  atomic.Int64
+	sandboxed, sandboxesLost                                               atomic.Int64
 }
 
 // Worker hosts workflows: it pulls doorbells from the shared JetStream consumer of each
@@ -195,6 +217,12 @@ type Worker struct {
 	// isolating is set while such a run waits or runs: this worker then takes no other.
 	gate      *semaphore.Weighted
 	isolating atomic.Bool
+
+	// sandboxes run the runs that must run alone, when cfg.Sandboxes > 0; nil else.
+	// sandboxed: this process is itself a sandbox (see serveSandbox).
+	sandboxes       *sandboxPool
+	sandboxed       bool
+	sandboxExtraEnv []string // tests (export_test.go)
 
 	// Group commit of the hot statements across concurrent runs.
 	claims    *groupcommit.Batcher[store.ClaimRequest, store.ClaimResult]
@@ -265,7 +293,8 @@ func (w *Worker) Stats() WorkerStats {
 	return WorkerStats{Claimed: m.claimed.Load(), ClaimNoops: m.claimNoops.Load(), Poison: m.poison.Load(),
 		StepsRecorded: m.stepsRecorded.Load(), Completed: m.completed.Load(), Failed: m.failed.Load(),
 		Retried: m.retried.Load(), FencedRejected: m.fencedRejected.Load(), LeaseLost: m.leaseLost.Load(),
-		Released: m.released.Load(), RanAlone: m.ranAlone.Load(), InFlight: m.inFlight.Load()}
+		Released: m.released.Load(), RanAlone: m.ranAlone.Load(), Sandboxed: m.sandboxed.Load(),
+		SandboxesLost: m.sandboxesLost.Load(), InFlight: m.inFlight.Load()}
 }
 
 // Start checks the schema, announces the worker and begins pulling work. It returns once
@@ -280,6 +309,13 @@ func (w *Worker) Start(ctx context.Context) error {
 	w.mu.Unlock()
 	if len(w.defs) == 0 {
 		return wire.Errorf(wire.ErrInvalidArgument, "start worker: no workflows registered")
+	}
+	if ns, parent, ok := inSandbox(); ok {
+		if ns != w.cfg.Namespace || parent == "" {
+			return nil // another worker of the program's is the one sandboxed
+		}
+		w.sandboxed, w.cfg.ID = true, parent
+		return w.serveSandbox()
 	}
 	if !w.cfg.SkipSchemaCheck {
 		if err := store.CheckSchema(ctx, w.cfg.Pool); err != nil {
@@ -318,14 +354,10 @@ func (w *Worker) Start(ctx context.Context) error {
 	for i := 0; i < w.cfg.Concurrency; i++ {
 		w.slots <- struct{}{}
 	}
-	// A write still unanswered after a lease is worth nothing (the lease is gone), and
-	// must not hold up the writes queued behind it.
-	bound := groupcommit.FlushTimeout(w.cfg.Lease)
-	w.claims = groupcommit.New(2, 256, func(ctx context.Context, reqs []store.ClaimRequest) []store.ClaimResult {
-		return w.store.RunsClaim(ctx, w.cfg.Namespace, w.cfg.ID, w.cfg.Lease, reqs)
-	}, bound)
-	w.steps = groupcommit.New(2, 256, w.store.StepsInsert, bound)
-	w.completes = groupcommit.New(2, 256, w.store.RunsComplete, bound)
+	if w.cfg.Sandboxes > 0 {
+		w.sandboxes = newSandboxPool(w.cfg.Sandboxes, w.cfg.Namespace, w.cfg.ID, w.sandboxExtraEnv)
+	}
+	w.startBatchers()
 	fetchCtx, cancelFetch := context.WithCancel(context.Background())
 	hbCtx, cancelHeartbeat := context.WithCancel(context.Background())
 	w.cancelFetch, w.cancelHeartbeat = cancelFetch, cancelHeartbeat
@@ -337,6 +369,18 @@ func (w *Worker) Start(ctx context.Context) error {
 	go w.heartbeat(hbCtx)
 	w.log.Info("worker started", "workflows", len(w.defs), "concurrency", w.cfg.Concurrency, "lease", w.cfg.Lease)
 	return nil
+}
+
+// startBatchers starts the group commit of claims, steps and completions.
+func (w *Worker) startBatchers() {
+	// A write still unanswered after a lease is worth nothing (the lease is gone), and
+	// must not hold up the writes queued behind it.
+	bound := groupcommit.FlushTimeout(w.cfg.Lease)
+	w.claims = groupcommit.New(2, 256, func(ctx context.Context, reqs []store.ClaimRequest) []store.ClaimResult {
+		return w.store.RunsClaim(ctx, w.cfg.Namespace, w.cfg.ID, w.cfg.Lease, reqs)
+	}, bound)
+	w.steps = groupcommit.New(2, 256, w.store.StepsInsert, bound)
+	w.completes = groupcommit.New(2, 256, w.store.RunsComplete, bound)
 }
 
 func (w *Worker) announcement() store.Worker {
@@ -359,6 +403,11 @@ func (w *Worker) Stop(ctx context.Context) error {
 		}
 		w.cancelFetch()
 		w.loops.Wait()
+		if w.sandboxes != nil {
+			// Idle sandboxes end now; busy ones finish or hand back their run as this
+			// worker does its own, within ShutdownGrace.
+			w.sandboxes.stop()
+		}
 		// Leases keep being renewed while running runs finish within the grace period.
 		defer func() { w.cancelHeartbeat(); w.heartbeats.Wait() }()
 
@@ -596,6 +645,9 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 	// admitted gives back the gate's unit a run takes before its claim; nil: the run
 	// runs alone, room made.
 	var admitted func()
+	if w.suspect(task.Lapses) && w.sandboxes != nil && w.runInSandbox(def, msg, task) {
+		return
+	}
 	if w.suspect(task.Lapses) {
 		// Room is made before the claim: while the other runs finish, the run is not
 		// held, so should this executor die meanwhile it costs the run no attempt.
@@ -620,20 +672,7 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 	// progress, so that the short AckWait that brings a dead executor's doorbells back
 	// soon does not also redeliver the doorbells of a live one.
 	stopKeeping := keepInProgress(msg, w.cfg.Consumer.AckWait/3)
-	claimSent := w.cfg.Clock.Now()
-	req := store.ClaimRequest{RunID: task.RunID, DispatchSeq: task.DispatchSeq, Workflow: def.Name()}
-	res, done := w.claims.Do(req)
-	run, ok, err := res.Run, res.OK, res.Err
-	if !done {
-		err = errWorkerStopped
-	}
-	if err == nil && ok {
-		// commit_then_error: the claim committed and its answer is lost.
-		err = failpoint.Inject(failpoint.ClaimAfterCommitBeforeAck)
-	}
-	if err != nil && !errors.Is(err, errWorkerStopped) {
-		run, ok, claimSent, err = w.recheckClaim(req, err)
-	}
+	run, ok, claimSent, err := w.claimTask(def, task)
 	stopKeeping()
 	if err != nil {
 		// Not claimed, or not known to be: a redelivery claims it, or, had the claim
@@ -651,6 +690,27 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 	w.metrics.claimed.Add(1)
 	w.hintLease(run.LeaseExpiresAt)
 	w.execute(def, run, claimSent, admitted)
+}
+
+// claimTask claims the run a doorbell names; not ok: the doorbell was stale, a duplicate
+// or forged. claimSent is a reading of the worker's clock that, plus the lease, is no
+// later than the lease the database holds.
+func (w *Worker) claimTask(def Registration, task wire.Task) (run store.ClaimedRun, ok bool, claimSent time.Time, err error) {
+	claimSent = w.cfg.Clock.Now()
+	req := store.ClaimRequest{RunID: task.RunID, DispatchSeq: task.DispatchSeq, Workflow: def.Name()}
+	res, done := w.claims.Do(req)
+	run, ok, err = res.Run, res.OK, res.Err
+	if !done {
+		err = errWorkerStopped
+	}
+	if err == nil && ok {
+		// commit_then_error: the claim committed and its answer is lost.
+		err = failpoint.Inject(failpoint.ClaimAfterCommitBeforeAck)
+	}
+	if err != nil && !errors.Is(err, errWorkerStopped) {
+		run, ok, claimSent, err = w.recheckClaim(req, err)
+	}
+	return run, ok, claimSent, err
 }
 
 // recheckClaim settles a claim that came back with an error. The claim may have committed
@@ -742,6 +802,12 @@ func (w *Worker) execute(def Registration, run store.ClaimedRun, claimSent time.
 		w.metrics.ranAlone.Add(1)
 		rc.log.Info("running alone: its last attempts ended with their lease lapsing", "lapses", run.Lapses)
 	case !w.suspect(run.Lapses):
+	case w.sandboxes != nil:
+		// Its doorbell did not say it must run alone, its claim does: handed back, it
+		// comes again with a doorbell that says so, and goes to a sandbox.
+		admitted()
+		w.release(rc, "hand back run for a sandbox")
+		return
 	default:
 		// Its doorbell did not say it must run alone, its claim does: the whole gate is
 		// taken for it, its own unit first given back.
@@ -823,7 +889,8 @@ func (w *Worker) takeAll(ctx context.Context) (done func(), err error) {
 
 // suspect says whether a run with this many lapses in a row runs alone.
 func (w *Worker) suspect(lapses int) bool {
-	return w.cfg.IsolateAfterLapses > 0 && lapses >= w.cfg.IsolateAfterLapses
+	// In a sandbox every run runs alone already.
+	return !w.sandboxed && w.cfg.IsolateAfterLapses > 0 && lapses >= w.cfg.IsolateAfterLapses
 }
 
 // makeRoom waits, before claiming a doorbell whose run must run alone, until this worker
@@ -1045,7 +1112,8 @@ func (w *Worker) heartbeat(ctx context.Context) {
 		case <-tick.C:
 		}
 		w.extendLeases(ctx)
-		if w.cfg.Clock.Now().Sub(lastAnnounce) >= 15*time.Second {
+		// A sandbox is not a worker of its own: its executor announces the workflows.
+		if !w.sandboxed && w.cfg.Clock.Now().Sub(lastAnnounce) >= 15*time.Second {
 			if err := w.store.WorkerHeartbeat(ctx, w.announcement()); err != nil && ctx.Err() == nil {
 				w.log.Warn("worker heartbeat", "error", err)
 			}

@@ -3,6 +3,7 @@ package store_test
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -34,14 +35,15 @@ func TestRunsExpirePredecessorLeases(t *testing.T) {
 		return run.ID
 	}
 	const self = "ex_c/200-bbbb"
-	dead := running("default", "ex_c/100-aaaa", 5)     // an earlier incarnation: re-queued
-	deadLast := running("default", "ex_c/101-cccc", 1) // an earlier incarnation on its last attempt: FAILED
-	mine := running("default", self, 5)                // the caller's own
-	likeTwin := running("default", "exxc/100-aaaa", 5) // LIKE 'ex_c/%' would take it
-	longer := running("default", "ex_c-2/100-aaaa", 5) // another name that starts alike
-	unnamed := running("default", "host-100-aaaa", 5)  // an unnamed worker
-	otherNS := running("other", "ex_c/100-aaaa", 5)    // the same name in another namespace
-	queued := insertRun(t, s, "queued").RunID          // not held at all
+	dead := running("default", "ex_c/100-aaaa", 5)        // an earlier incarnation: re-queued
+	deadLast := running("default", "ex_c/101-cccc", 1)    // an earlier incarnation on its last attempt: FAILED
+	mine := running("default", self, 5)                   // the caller's own
+	sandboxed := running("default", self+"/sandbox-7", 5) // the caller's sandbox's
+	likeTwin := running("default", "exxc/100-aaaa", 5)    // LIKE 'ex_c/%' would take it
+	longer := running("default", "ex_c-2/100-aaaa", 5)    // another name that starts alike
+	unnamed := running("default", "host-100-aaaa", 5)     // an unnamed worker
+	otherNS := running("other", "ex_c/100-aaaa", 5)       // the same name in another namespace
+	queued := insertRun(t, s, "queued").RunID             // not held at all
 
 	es, err := s.RunsExpirePredecessorLeases(ctx, store.PredecessorLeasesParams{Namespace: "default", Name: "ex_c", Self: self, Limit: 10})
 	if err != nil {
@@ -79,7 +81,7 @@ func TestRunsExpirePredecessorLeases(t *testing.T) {
 	if r := read(deadLast); r.status != "FAILED" || r.attempt != 1 || !strings.HasPrefix(r.reason, "lease expired on attempt 1 of 1: ") {
 		t.Fatalf("failed run = %+v", r)
 	}
-	for id, owner := range map[wire.RunID]string{mine: self, likeTwin: "exxc/100-aaaa", longer: "ex_c-2/100-aaaa",
+	for id, owner := range map[wire.RunID]string{mine: self, sandboxed: self + "/sandbox-7", likeTwin: "exxc/100-aaaa", longer: "ex_c-2/100-aaaa",
 		unnamed: "host-100-aaaa", otherNS: "ex_c/100-aaaa"} {
 		if r := read(id); r.status != "RUNNING" || r.owner != owner || r.attempt != 1 || r.lapses != 0 {
 			t.Errorf("run held by %s = %+v, want untouched", owner, r)
@@ -102,6 +104,60 @@ func TestRunsExpirePredecessorLeases(t *testing.T) {
 
 	if _, err := s.RunsExpirePredecessorLeases(ctx, store.PredecessorLeasesParams{Namespace: "default", Self: self, Limit: 2}); !errors.Is(err, wire.ErrInvalidArgument) {
 		t.Fatalf("no name: err = %v, want ErrInvalidArgument", err)
+	}
+}
+
+// A worker that saw its sandbox process exit ends the attempts of the runs that process
+// held, and only those.
+func TestRunsExpireOwnerLeases(t *testing.T) {
+	t.Parallel()
+	s, pool := newStore(t)
+	ctx := context.Background()
+	running := func(ns, owner string) wire.RunID {
+		t.Helper()
+		res, err := s.RunInsert(ctx, store.RunInsertParams{ID: wire.NewRunID(), Namespace: ns, Workflow: "wf",
+			Input: []byte(`{}`), IdempotencyKey: wire.NewRunID(), MaxAttempts: 5})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := claim(t, s, res.Dispatch, owner); !ok {
+			t.Fatalf("claim for %s failed", owner)
+		}
+		return res.Dispatch.RunID
+	}
+	const sandbox = "ex_c/300-eeee"
+	dead := []wire.RunID{running("default", sandbox), running("default", sandbox), running("default", sandbox)}
+	parent := running("default", "ex_c/200-bbbb")
+	otherNS := running("other", sandbox)
+	var got []wire.RunID
+	for _, want := range []int{2, 1, 0} {
+		es, err := s.RunsExpireOwnerLeases(ctx, "default", sandbox, 2)
+		if err != nil || len(es) != want {
+			t.Fatalf("batch = %d runs, %v; want %d", len(es), err, want)
+		}
+		for _, e := range es {
+			if e.Status != wire.StatusQueued || e.DispatchSeq != 2 || e.Lapses != 1 {
+				t.Fatalf("expired %+v, want QUEUED at dispatch 2 with 1 lapse", e)
+			}
+			got = append(got, e.RunID)
+		}
+	}
+	slices.Sort(got)
+	slices.Sort(dead)
+	if !slices.Equal(got, dead) {
+		t.Fatalf("expired %v, want %v", got, dead)
+	}
+	for id, owner := range map[wire.RunID]string{parent: "ex_c/200-bbbb", otherNS: sandbox} {
+		var status, held string
+		if err := pool.QueryRow(ctx, `SELECT status, coalesce(lease_owner, '') FROM workflow_runs WHERE id = $1`, id).Scan(&status, &held); err != nil {
+			t.Fatal(err)
+		}
+		if status != "RUNNING" || held != owner {
+			t.Errorf("run held by %s: %s under %q, want untouched", owner, status, held)
+		}
+	}
+	if _, err := s.RunsExpireOwnerLeases(ctx, "default", "", 2); !errors.Is(err, wire.ErrInvalidArgument) {
+		t.Fatalf("no owner: err = %v, want ErrInvalidArgument", err)
 	}
 }
 

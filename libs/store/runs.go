@@ -432,7 +432,8 @@ type LeaseExpiry struct {
 // locked FOR UPDATE SKIP LOCKED) exactly as a lapsed lease ends them. An ended lease
 // costs an attempt, so a run that kills its executor every time (os.Exit in a step) ends
 // FAILED instead of looping; it also counts a lapse, so that executors run a repeat
-// offender alone. RunsExpireLeases and RunsExpirePredecessorLeases differ only in due.
+// offender alone. RunsExpireLeases, RunsExpirePredecessorLeases and RunsExpireOwnerLeases differ
+// only in due.
 //
 // A lapse after an attempt that recorded a step starts the count again at 1: what kills
 // its executor every time dies at the same point every time, before recording anything
@@ -476,7 +477,7 @@ func (s *Store) RunsExpireLeases(ctx context.Context, p SweepParams) ([]LeaseExp
 type PredecessorLeasesParams struct {
 	Namespace string
 	Name      string // the stable name; lease owners "<Name>/…" are its incarnations
-	Self      string // the caller's own worker id ("<Name>/…"), whose runs are left alone
+	Self      string // the caller's own worker id ("<Name>/…"): its runs and its sandboxes' ("<Self>/…") are left alone
 	Limit     int
 }
 
@@ -488,7 +489,7 @@ const runsExpirePredecessorLeasesSQL = `
 WITH due AS (
     SELECT id FROM workflow_runs
     WHERE status = 'RUNNING' AND namespace = $1
-      AND starts_with(lease_owner, $2 || '/') AND lease_owner <> $3
+      AND starts_with(lease_owner, $2 || '/') AND lease_owner <> $3 AND NOT starts_with(lease_owner, $3 || '/')
     ORDER BY lease_expires_at LIMIT $4
     FOR UPDATE SKIP LOCKED
 )` + leaseEndSQL
@@ -505,6 +506,26 @@ func (s *Store) RunsExpirePredecessorLeases(ctx context.Context, p PredecessorLe
 	}
 	return s.queryLeaseExpiries(ctx, "expire leases of earlier incarnations of "+p.Name, runsExpirePredecessorLeasesSQL,
 		p.Namespace, p.Name, p.Self, p.Limit)
+}
+
+// Uses workflow_runs_running_lease, as runsExpirePredecessorLeasesSQL does.
+const runsExpireOwnerLeasesSQL = `
+WITH due AS (
+    SELECT id FROM workflow_runs
+    WHERE status = 'RUNNING' AND namespace = $1 AND lease_owner = $2
+    ORDER BY lease_expires_at LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)` + leaseEndSQL
+
+// RunsExpireOwnerLeases ends, at once, the attempts of the runs one worker holds, as
+// their lapsed leases would end them a lease later. Only a caller that knows the owner
+// is dead may call it: a worker whose sandbox process it saw exit. A batch shorter than
+// limit means none is left.
+func (s *Store) RunsExpireOwnerLeases(ctx context.Context, namespace, owner string, limit int) ([]LeaseExpiry, error) {
+	if owner == "" {
+		return nil, wire.Errorf(wire.ErrInvalidArgument, "expire leases of an owner: need the owner")
+	}
+	return s.queryLeaseExpiries(ctx, "expire leases of dead worker "+owner, runsExpireOwnerLeasesSQL, namespace, owner, limit)
 }
 
 func (s *Store) queryLeaseExpiries(ctx context.Context, what, sql string, args ...any) ([]LeaseExpiry, error) {

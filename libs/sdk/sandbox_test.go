@@ -1,0 +1,156 @@
+package sdk_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kagzi/kagzi/libs/bus"
+	"github.com/kagzi/kagzi/libs/sdk"
+	"github.com/kagzi/kagzi/libs/store"
+	"github.com/kagzi/kagzi/libs/testkit"
+	"github.com/kagzi/kagzi/libs/wire"
+)
+
+type sandboxInput struct {
+	Exit bool `json:"exit,omitempty"` // the step os.Exits its process
+}
+
+// sandboxWF answers with the pid of the process that ran its step.
+var sandboxWF = sdk.Workflow("sandboxed", func(ctx sdk.Context, in sandboxInput) (int, error) {
+	return sdk.Step(ctx, "body", func(context.Context) (int, error) {
+		if in.Exit {
+			os.Exit(3)
+		}
+		return os.Getpid(), nil
+	})
+})
+
+// sandboxWorkerConfig is the worker TestSandboxes starts, and its sandboxes again.
+func sandboxWorkerConfig() sdk.WorkerConfig {
+	return sdk.WorkerConfig{Name: "sbx", Concurrency: 4, Sandboxes: 2, Lease: 2 * time.Second,
+		RetryBackoff: 10 * time.Millisecond, ShutdownGrace: time.Second}
+}
+
+// sandboxMain is the test binary's main in a sandbox: as an executor's main would, it
+// makes the worker again and starts it, and Start serves the sandbox.
+func sandboxMain() int {
+	ctx := context.Background()
+	pool, err := store.Connect(ctx, os.Getenv("KAGZI_SDK_TEST_DB"), 4)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "sandbox:", err)
+		return 1
+	}
+	nc, err := bus.Connect(bus.ConnOptions{URL: os.Getenv("KAGZI_SDK_TEST_NATS"), Name: "sandbox"})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "sandbox:", err)
+		return 1
+	}
+	cfg := sandboxWorkerConfig()
+	cfg.Pool, cfg.Conn = pool, nc
+	w, err := sdk.NewWorker(cfg)
+	if err == nil {
+		err = w.Register(sandboxWF)
+	}
+	if err == nil {
+		err = w.Start(ctx) // does not return in a sandbox, but when it cannot begin
+	}
+	fmt.Fprintln(os.Stderr, "sandbox: start returned:", err)
+	return 1
+}
+
+// A run whose last attempt lapsed runs in a sandbox, a child process: one whose step
+// os.Exits kills only its sandbox, each attempt ending at once with the reason a lapsed
+// lease gives, until its attempts are spent; one that does not completes there; and a
+// fresh run runs in the executor's own process.
+func TestSandboxes(t *testing.T) {
+	t.Parallel()
+	dbURL, natsURL := testkit.NewDatabase(t), testkit.StartNATS(t).URL()
+	e, stop, err := setupEnv(dbURL, natsURL, t.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	ctx := ctxT(t)
+
+	// Two runs a dead incarnation of the worker's name held: the worker hands them back
+	// at its start, each with one lapse.
+	held := func(in sandboxInput, maxAttempts int) wire.RunID {
+		data, _ := json.Marshal(in)
+		ins, err := e.st.RunInsert(ctx, store.RunInsertParams{ID: wire.NewRunID(), Namespace: wire.DefaultNamespace,
+			Workflow: "sandboxed", Input: data, IdempotencyKey: wire.NewRunID(), MaxAttempts: maxAttempts})
+		if err != nil {
+			t.Fatal(err)
+		}
+		res := e.st.RunsClaim(ctx, wire.DefaultNamespace, "sbx/1-dead", time.Minute,
+			[]store.ClaimRequest{{RunID: ins.RunID, DispatchSeq: ins.DispatchSeq, Workflow: "sandboxed"}})
+		if res[0].Err != nil || !res[0].OK {
+			t.Fatalf("claim as the dead incarnation: %+v", res[0])
+		}
+		return ins.RunID
+	}
+	good := held(sandboxInput{}, 3)
+	exiter := held(sandboxInput{Exit: true}, 3)
+
+	cfg := sandboxWorkerConfig()
+	cfg.Pool, cfg.Conn = e.pool, e.nc
+	if testing.Verbose() {
+		cfg.Logger = slogToStderr()
+	}
+	w, err := sdk.NewWorker(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sdk.SetSandboxEnv(w, "KAGZI_SDK_TEST_DB="+dbURL, "KAGZI_SDK_TEST_NATS="+natsURL)
+	if err := w.Register(sandboxWF); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = w.Stop(context.Background()) })
+	fresh, err := sandboxWF.Start(ctx, e.client(), sandboxInput{})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	c := e.client()
+	pidOf := func(id string) int {
+		t.Helper()
+		info, err := c.Wait(ctx, id)
+		if err != nil || info.Status != wire.StatusCompleted {
+			t.Fatalf("run %s: %+v, %v", id, info, err)
+		}
+		var pid int
+		if err := json.Unmarshal(info.Output, &pid); err != nil {
+			t.Fatal(err)
+		}
+		return pid
+	}
+	if pid := pidOf(fresh.ID); pid != os.Getpid() {
+		t.Errorf("fresh run ran in pid %d, want the executor's own %d", pid, os.Getpid())
+	}
+	if pid := pidOf(good); pid == os.Getpid() || pid == 0 {
+		t.Errorf("the run with a lapse ran in pid %d, want a sandbox's (the executor is %d)", pid, os.Getpid())
+	}
+	info, err := c.Wait(ctx, exiter)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Status != wire.StatusFailed || info.Attempt != 3 || !strings.HasPrefix(info.Error, "lease expired on attempt 3 of 3") {
+		t.Fatalf("the run that exits: %s on attempt %d (%q), want FAILED on attempt 3 by its lapsed lease", info.Status, info.Attempt, info.Error)
+	}
+	// Attempt 1 died with the dead incarnation; 2 and 3 each killed a sandbox, which the
+	// executor saw at once: far sooner than two leases.
+	if elapsed := info.FinishedAt.Sub(*info.StartedAt); elapsed > cfg.Lease {
+		t.Errorf("attempts 2 and 3 took %s, want them ended as their sandboxes died, not by leases of %s", elapsed, cfg.Lease)
+	}
+	st := w.Stats()
+	if st.Sandboxed != 3 || st.SandboxesLost != 2 {
+		t.Errorf("stats: %d attempts sandboxed, %d sandboxes lost; want 3 and 2", st.Sandboxed, st.SandboxesLost)
+	}
+}
