@@ -93,10 +93,11 @@ func (sb *sandbox) kill() {
 // sandboxPool starts sandboxes as runs need them, at most cap at once, and keeps those
 // that finished their run for the next one.
 type sandboxPool struct {
-	free     chan struct{} // a token per sandbox that may be in use or started
-	env      []string      // what a sandbox's environment adds to this process's
+	free chan struct{} // a token per sandbox that may be in use or started
+	env  []string      // what a sandbox's environment adds to this process's
 
 	mu      sync.Mutex
+	live    map[*sandbox]struct{} // started and not discarded, idle or running a run
 	idle    []*sandbox
 	stopped bool
 }
@@ -106,7 +107,7 @@ type sandboxPool struct {
 // database).
 func newSandboxPool(n int, namespace, id string, extraEnv []string) *sandboxPool {
 	env := append([]string{sandboxEnv + "=" + namespace, sandboxParentEnv + "=" + id}, extraEnv...)
-	p := &sandboxPool{free: make(chan struct{}, n), env: env}
+	p := &sandboxPool{free: make(chan struct{}, n), env: env, live: map[*sandbox]struct{}{}}
 	for range n {
 		p.free <- struct{}{}
 	}
@@ -127,6 +128,7 @@ func (p *sandboxPool) get(ctx context.Context) (*sandbox, error) {
 		p.idle = p.idle[:len(p.idle)-1]
 		select {
 		case <-sb.exited: // killed while idle: its pipe is closed, it holds no run
+			delete(p.live, sb)
 			continue
 		default:
 		}
@@ -144,6 +146,9 @@ func (p *sandboxPool) get(ctx context.Context) (*sandbox, error) {
 		p.free <- struct{}{}
 		return nil, err
 	}
+	p.mu.Lock()
+	p.live[sb] = struct{}{}
+	p.mu.Unlock()
 	return sb, nil
 }
 
@@ -152,6 +157,7 @@ func (p *sandboxPool) put(sb *sandbox) {
 	p.mu.Lock()
 	if p.stopped {
 		_ = sb.toChild.Close()
+		delete(p.live, sb)
 	} else {
 		p.idle = append(p.idle, sb)
 	}
@@ -160,15 +166,21 @@ func (p *sandboxPool) put(sb *sandbox) {
 }
 
 // discard frees the place of a sandbox that is gone.
-func (p *sandboxPool) discard() { p.free <- struct{}{} }
+func (p *sandboxPool) discard(sb *sandbox) {
+	p.mu.Lock()
+	delete(p.live, sb)
+	p.mu.Unlock()
+	p.free <- struct{}{}
+}
 
-// stop closes every idle sandbox's fd 3, which ends it, and lets no new one start;
-// sandboxes still running a run end once it is done (or handed back: see serveSandbox).
+// stop closes every sandbox's fd 3 and lets no new one start. An idle sandbox ends at
+// once; one running a run lets it finish, or hands it back, within its ShutdownGrace
+// (see serveSandbox), as this worker does with its own.
 func (p *sandboxPool) stop() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.stopped = true
-	for _, sb := range p.idle {
+	for sb := range p.live {
 		_ = sb.toChild.Close()
 	}
 	p.idle = nil
@@ -304,7 +316,7 @@ func (w *Worker) runInSandbox(def Registration, msg jetstream.Msg, task wire.Tas
 // killed) and ends the attempts of the runs it held, as their lapsed leases would.
 func (w *Worker) sandboxGone(sb *sandbox, runID wire.RunID) {
 	sb.kill()
-	defer w.sandboxes.discard()
+	defer w.sandboxes.discard(sb)
 	w.sandboxes.mu.Lock()
 	stopping := w.sandboxes.stopped
 	w.sandboxes.mu.Unlock()
@@ -353,6 +365,14 @@ func (w *Worker) announceExpiries(ctx context.Context, es []store.LeaseExpiry) (
 		}
 	}
 	return len(bells), failed
+}
+
+// InSandbox reports whether this process is a sandbox of an executor's worker
+// (WorkerConfig.Sandboxes). A sandbox runs one run at a time: its main may give it
+// smaller database pools, and must skip what two processes cannot share.
+func InSandbox() bool {
+	_, _, ok := inSandbox()
+	return ok
 }
 
 // inSandbox says whether this process is a sandbox of a worker in namespace, and of

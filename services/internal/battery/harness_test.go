@@ -319,7 +319,57 @@ func (s *system) faultedPIDs() []int {
 			out = append(out, pid)
 		}
 	}
+	for _, pid := range s.deadSandboxes(out) {
+		if !slices.Contains(out, pid) {
+			out = append(out, pid)
+		}
+	}
 	slices.Sort(out)
+	return out
+}
+
+// sandboxExitedRE matches an executor's log line on a sandbox that died holding a run
+// (sdk.WorkerConfig.Sandboxes).
+var sandboxExitedRE = regexp.MustCompile(`msg="sandbox exited while it ran a run; its attempt ends now".* sandbox_pid=(\d+)`)
+
+// deadSandboxes are the sandboxes, executors too, that died under their runs: those
+// whose executor logged their exit, and those of a dead executor among faulted, which
+// the kernel kills with it.
+func (s *system) deadSandboxes(faulted []int) []int {
+	s.t.Helper()
+	out := s.loggedSandboxExits()
+	for pid, parent := range s.sandboxes() {
+		if slices.Contains(faulted, parent) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// loggedSandboxExits are the sandboxes whose executors saw them die holding a run.
+func (s *system) loggedSandboxExits() []int {
+	s.mu.Lock()
+	procs := slices.Clone(s.procs)
+	s.mu.Unlock()
+	var out []int
+	for _, p := range procs {
+		for _, m := range sandboxExitedRE.FindAllStringSubmatch(p.Log(), -1) {
+			pid, _ := strconv.Atoi(m[1])
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// sandboxes maps the pid of every sandbox that held a run to its executor's, read off
+// the lease owners: "<executor id>/sandbox-<pid>".
+func (s *system) sandboxes() map[int]int {
+	s.t.Helper()
+	out := map[int]int{}
+	for _, owner := range s.lines(`SELECT DISTINCT lease_owner FROM test_transitions WHERE lease_owner LIKE '%/sandbox-%'`) {
+		parent, _, _ := strings.Cut(owner, "/sandbox-")
+		out[ownerPID(owner)] = ownerPID(parent)
+	}
 	return out
 }
 

@@ -12,6 +12,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/kagzi/kagzi/libs/sdk"
 	"github.com/kagzi/kagzi/libs/wire"
 	"github.com/kagzi/kagzi/services/internal/platform"
 )
@@ -26,6 +27,7 @@ type knobs struct {
 	effectConns int32 // the oracle's pool
 	httpAddr    string
 	bombs       bool
+	sandboxes   int // sdk.WorkerConfig.Sandboxes
 }
 
 func readKnobs() (knobs, error) {
@@ -41,6 +43,13 @@ func readKnobs() (knobs, error) {
 		}
 		k.limits.MaxSteps = n
 	}
+	if v := os.Getenv("KAGZI_SANDBOXES"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return k, fmt.Errorf("KAGZI_SANDBOXES %q: want a count", v)
+		}
+		k.sandboxes = n
+	}
 	for _, c := range []struct {
 		env string
 		dst *int32
@@ -50,6 +59,10 @@ func readKnobs() (knobs, error) {
 			return k, fmt.Errorf("%s: want a positive pool size", c.env)
 		}
 		*c.dst = int32(n)
+	}
+	if sdk.InSandbox() {
+		// One run at a time: each sandbox's sessions count against the server's limit.
+		k.poolConns, k.effectConns, k.httpAddr = 2, 1, "off"
 	}
 	return k, nil
 }

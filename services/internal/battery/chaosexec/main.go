@@ -12,7 +12,9 @@
 //	KAGZI_NAMESPACE (default), KAGZI_MAX_STEPS (the SDK's limit), KAGZI_DB_MAX_CONNS and
 //	KAGZI_EFFECTS_MAX_CONNS (8 each: the worker's and the oracle's pools), KAGZI_HTTP_ADDR
 //	(off; else Go runtime and process metrics on /metrics), KAGZI_BOMBS (1: also host
-//	chaoswf.Bomb, with a client in the executor's namespace)
+//	chaoswf.Bomb, with a client in the executor's namespace), KAGZI_SANDBOXES (0: the
+//	worker's Sandboxes; its sandboxes are this program again, and write their effects
+//	under their own pids)
 package main
 
 import (
@@ -91,7 +93,7 @@ func run() error {
 	defer nc.Close()
 	w, err := sdk.NewWorker(sdk.WorkerConfig{Pool: pool, Conn: nc, Lease: lease, Concurrency: conc,
 		RetryBackoff: 100 * time.Millisecond, MaxBackoff: time.Second, ShutdownGrace: time.Second, LocalSleepMax: localSleep,
-		Namespace: k.namespace, Limits: k.limits, Name: chaoswf.ExecutorName,
+		Namespace: k.namespace, Limits: k.limits, Name: chaoswf.ExecutorName, Sandboxes: k.sandboxes,
 		Consumer: consumer,
 		Logger:   slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))})
 	if err != nil {
