@@ -62,7 +62,7 @@ func readKnobs() (knobs, error) {
 	}
 	if sdk.InSandbox() {
 		// One run at a time: each sandbox's sessions count against the server's limit.
-		k.poolConns, k.effectConns, k.httpAddr = 2, 1, "off"
+		k.poolConns, k.effectConns, k.httpAddr = 1, 1, "off"
 	}
 	return k, nil
 }
