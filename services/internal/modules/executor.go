@@ -79,6 +79,9 @@ func registerWorkerMetrics(reg prometheus.Registerer, w *sdk.Worker) error {
 		{"fenced_writes_rejected_total", "Writes refused because another executor holds the run.", func(s sdk.WorkerStats) int64 { return s.FencedRejected }},
 		{"leases_lost_total", "Runs dropped because their lease was lost.", func(s sdk.WorkerStats) int64 { return s.LeaseLost }},
 		{"runs_released_total", "Runs handed back to the queue at shutdown.", func(s sdk.WorkerStats) int64 { return s.Released }},
+		{"runs_ran_alone_total", "Attempts run alone after lapses in a row.", func(s sdk.WorkerStats) int64 { return s.RanAlone }},
+		{"runs_sandboxed_total", "Attempts run in a sandbox process.", func(s sdk.WorkerStats) int64 { return s.Sandboxed }},
+		{"sandboxes_lost_total", "Sandbox processes that died while they ran a run.", func(s sdk.WorkerStats) int64 { return s.SandboxesLost }},
 	}
 	for _, c := range counters {
 		value := c.value
