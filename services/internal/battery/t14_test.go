@@ -248,7 +248,12 @@ supervise:
 	for _, p := range execs {
 		exitLines += strings.Count(p.Log(), chaoswf.PoisonExitLine)
 	}
-	expectEq(t, "os.Exit lines in the executors' logs (a sandbox's go to its executor's)", exitLines, len(exitPIDs))
+	// A sandbox's line goes to its executor's log. One written as its executor died may
+	// be lost with the dead executor's pipe: every exit seen, by the test or by an
+	// executor, must have left its line.
+	if seen := len(dead) + len(sandboxExits); exitLines < seen || exitLines > len(exitPIDs) {
+		t.Errorf("os.Exit lines in the executors' logs: %d, want between the %d exits seen and the %d calls", exitLines, seen, len(exitPIDs))
+	}
 	// A restarted executor takes its name's lock and hands back at once what its dead
 	// predecessor held (sdk.WorkerConfig.Name), rather than leave it to the lease sweep.
 	handedBack, nameTaken := 0, 0
