@@ -25,13 +25,13 @@ import (
 //
 // It is the executor's own program started again, with the same arguments and
 // environment, sandboxEnv set to the worker's namespace and sandboxParentEnv to its id,
-// of which the sandbox's own id is an extension ("<id>/sandbox-<pid>": a predecessor's
+// of which the sandbox's own id is an extension ("<id>/sandbox-<pid>": a successor's
 // hand-back, by name, takes the runs of dead sandboxes too, and never those of its
-// own). Its main reaches the
-// worker's Start as the executor's did, and there Start serves the runs it is handed on
-// fd 3, answering on fd 4, one JSON object per line, and ends the process when fd 3
-// closes (the executor stops or died). This is the re-exec idiom of Go programs that
-// need a child of their own code (moby's reexec), since Go cannot fork.
+// own). Its main reaches the worker's Start as the executor's did, and there Start
+// serves the runs it is handed on fd 3, answering on fd 4, one JSON object per line,
+// and ends the process when fd 3 closes (the executor stops or died). This is the
+// re-exec idiom of Go programs that need a child of their own code (moby's reexec),
+// since Go cannot fork.
 const sandboxEnv, sandboxParentEnv = "KAGZI_SANDBOX", "KAGZI_SANDBOX_PARENT"
 
 // sandboxStartTimeout bounds a sandbox's start, from exec to its ready line: its main
@@ -90,7 +90,7 @@ func (sb *sandbox) kill() {
 	<-sb.exited
 }
 
-// sandboxPool starts sandboxes as runs need them, at most cap at once, and keeps those
+// sandboxPool starts sandboxes as runs need them, at most its size at once, and keeps those
 // that finished their run for the next one.
 type sandboxPool struct {
 	free chan struct{} // a token per sandbox that may be in use or started
@@ -152,7 +152,7 @@ func (p *sandboxPool) get(ctx context.Context) (*sandbox, error) {
 	return sb, nil
 }
 
-// put gives back a sandbox whose run stopped, for the next; one that gone is not kept.
+// put gives back a sandbox whose run stopped, for the next run.
 func (p *sandboxPool) put(sb *sandbox) {
 	p.mu.Lock()
 	if p.stopped {
