@@ -8,6 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+
 	"github.com/kagzi/kagzi/libs/embednats"
 	"github.com/kagzi/kagzi/libs/sdk"
 	"github.com/kagzi/kagzi/libs/testkit"
@@ -206,4 +209,50 @@ func ExampleTerminal() {
 		fmt.Println(failed.Status, failed.Attempt, failed.Message)
 	}
 	// Output: FAILED 1 card expired
+}
+
+// An executor with sandboxes (WorkerConfig.Sandboxes) runs a run whose last attempt
+// lapsed in a child process: its own program, started again. The program's main reaches
+// Start there too, and may size itself for one run at a time; what two processes
+// cannot share, such as a listening port, it does only outside a sandbox. (Not run:
+// it would connect to the servers its environment names.)
+func ExampleInSandbox() {
+	ctx := context.Background()
+	pcfg, err := pgxpool.ParseConfig(os.Getenv("DATABASE_URL"))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	pcfg.MaxConns = 16
+	if sdk.InSandbox() {
+		pcfg.MaxConns = 2 // a sandbox runs one run at a time
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	nc, err := nats.Connect(os.Getenv("NATS_URL"))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	worker, err := sdk.NewWorker(sdk.WorkerConfig{Pool: pool, Conn: nc, Name: "exec-1", Sandboxes: 4})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	double := sdk.Workflow("example-double", func(ctx sdk.Context, n int) (int, error) {
+		return sdk.Step(ctx, "double", func(context.Context) (int, error) { return 2 * n, nil })
+	})
+	if err := worker.Register(double); err != nil {
+		fmt.Println(err)
+		return
+	}
+	// In a sandbox, Start serves the runs its executor hands it, and never returns.
+	if err := worker.Start(ctx); err != nil {
+		fmt.Println(err)
+		return
+	}
+	// Only the executor gets here: serve metrics, wait for a signal, then worker.Stop.
 }
