@@ -177,23 +177,15 @@ func (n *nameLock) disconnect() {
 // safety net.
 func (n *nameLock) recover(ctx context.Context) {
 	w := n.w
-	requeued, failed := 0, 0
-	for {
-		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		es, err := w.store.RunsExpirePredecessorLeases(qctx, store.PredecessorLeasesParams{
+	requeued, failed, err := w.endAttempts(ctx, func(ctx context.Context) ([]store.LeaseExpiry, error) {
+		return w.store.RunsExpirePredecessorLeases(ctx, store.PredecessorLeasesParams{
 			Namespace: w.cfg.Namespace, Name: w.cfg.Name, Self: w.cfg.ID, Limit: predecessorBatch})
-		cancel()
-		if err != nil {
-			if ctx.Err() == nil {
-				w.log.Warn("hand back runs of earlier incarnations", "name", w.cfg.Name, "error", err)
-			}
-			return
+	})
+	if err != nil {
+		if ctx.Err() == nil {
+			w.log.Warn("hand back runs of earlier incarnations", "name", w.cfg.Name, "error", err)
 		}
-		r, f := w.announceExpiries(ctx, es)
-		requeued, failed = requeued+r, failed+f
-		if len(es) < predecessorBatch {
-			break
-		}
+		return
 	}
 	n.recovered = true
 	if requeued+failed > 0 {

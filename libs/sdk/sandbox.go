@@ -165,6 +165,12 @@ func (p *sandboxPool) put(sb *sandbox) {
 	p.free <- struct{}{}
 }
 
+func (p *sandboxPool) isStopped() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stopped
+}
+
 // discard frees the place of a sandbox that is gone.
 func (p *sandboxPool) discard(sb *sandbox) {
 	p.mu.Lock()
@@ -233,19 +239,17 @@ func (p *sandboxPool) start() (*sandbox, error) {
 		_ = inW.Close()
 		close(sb.exited)
 	}()
-	ready := make(chan error, 1)
-	go func() {
-		rep, err := sb.next()
-		if err == nil && (!rep.Ready || rep.ID == "") {
-			err = fmt.Errorf("first line %+v is not a ready line", rep)
-		}
-		sb.id = rep.ID
-		ready <- err
-	}()
 	t := time.NewTimer(sandboxStartTimeout)
 	defer t.Stop()
 	select {
-	case err = <-ready:
+	case rep, ok := <-sb.replies:
+		switch {
+		case !ok:
+			err = errSandboxGone
+		case !rep.Ready || rep.ID == "":
+			err = fmt.Errorf("first line %+v is not a ready line", rep)
+		}
+		sb.id = rep.ID
 	case <-t.C:
 		err = fmt.Errorf("not ready after %s", sandboxStartTimeout)
 	}
@@ -317,26 +321,35 @@ func (w *Worker) runInSandbox(def Registration, msg jetstream.Msg, task wire.Tas
 func (w *Worker) sandboxGone(sb *sandbox, runID wire.RunID) {
 	sb.kill()
 	defer w.sandboxes.discard(sb)
-	w.sandboxes.mu.Lock()
-	stopping := w.sandboxes.stopped
-	w.sandboxes.mu.Unlock()
-	if !stopping || sb.waitErr != nil {
+	if !w.sandboxes.isStopped() || sb.waitErr != nil {
 		w.metrics.sandboxesLost.Add(1)
 		w.log.Warn("sandbox exited while it ran a run; its attempt ends now", "run_id", runID,
 			"sandbox_pid", sb.pid(), "sandbox_id", sb.id, "exit", fmt.Sprint(sb.waitErr))
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	_, _, err := w.endAttempts(context.Background(), func(ctx context.Context) ([]store.LeaseExpiry, error) {
+		return w.store.RunsExpireOwnerLeases(ctx, w.cfg.Namespace, sb.id, predecessorBatch)
+	})
+	if err != nil {
+		// The lease sweep ends them a lease later.
+		w.log.Warn("end the attempts of a dead sandbox's runs; their leases will lapse", "sandbox_id", sb.id, "error", err)
+	}
+}
+
+// endAttempts ends the attempts of the runs a dead holder held, a batch of at most
+// predecessorBatch at a time (expire ends one), and announces each batch. An error: a
+// batch failed, and the lease sweep ends the rest a lease later.
+func (w *Worker) endAttempts(ctx context.Context, expire func(context.Context) ([]store.LeaseExpiry, error)) (requeued, failed int, err error) {
 	for {
-		es, err := w.store.RunsExpireOwnerLeases(ctx, w.cfg.Namespace, sb.id, predecessorBatch)
+		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		es, err := expire(qctx)
+		cancel()
 		if err != nil {
-			// The lease sweep ends them a lease later.
-			w.log.Warn("end the attempts of a dead sandbox's runs; their leases will lapse", "sandbox_id", sb.id, "error", err)
-			return
+			return requeued, failed, err
 		}
-		w.announceExpiries(ctx, es)
+		r, f := w.announceExpiries(ctx, es)
+		requeued, failed = requeued+r, failed+f
 		if len(es) < predecessorBatch {
-			return
+			return requeued, failed, nil
 		}
 	}
 }
@@ -394,11 +407,14 @@ func (w *Worker) serveSandbox() error {
 	w.log = w.cfg.Logger.With("worker_id", w.cfg.ID, "namespace", w.cfg.Namespace)
 	w.startBatchers()
 	hbCtx, cancelHeartbeat := context.WithCancel(context.Background())
+	// No fetch loops to cancel: Stop, as it does for an executor, gives a run in
+	// progress ShutdownGrace, hands it back after, and closes the batchers.
+	w.cancelFetch, w.cancelHeartbeat = func() {}, cancelHeartbeat
 	w.heartbeats.Add(1)
 	go w.heartbeat(hbCtx)
 	enc := json.NewEncoder(out)
 	if err := enc.Encode(sandboxReply{Ready: true, ID: w.cfg.ID}); err != nil {
-		cancelHeartbeat()
+		_ = w.Stop(context.Background())
 		return fmt.Errorf("start sandbox worker: %w", err)
 	}
 	w.log.Info("sandbox ready", "pid", os.Getpid())
@@ -415,11 +431,7 @@ func (w *Worker) serveSandbox() error {
 		}
 	}()
 	exit := func() {
-		w.claims.Close()
-		w.steps.Close()
-		w.completes.Close()
-		cancelHeartbeat()
-		w.heartbeats.Wait()
+		_ = w.Stop(context.Background())
 		os.Exit(0)
 	}
 	for req := range reqs {
@@ -441,26 +453,16 @@ func (w *Worker) serveSandbox() error {
 			exit() // the executor is gone: the run's lease lapses, or its successor ends it
 		}
 		done := make(chan struct{})
+		w.runs.Add(1)
 		go func() {
+			defer w.runs.Done()
 			defer close(done)
 			w.execute(def, run, claimSent, func() {})
 		}()
 		select {
 		case <-done:
 		case <-reqs:
-			// fd 3 closed mid-run: the executor stops (or died). As Stop does: the run
-			// has ShutdownGrace to finish, then it is handed back.
-			grace := time.NewTimer(w.cfg.ShutdownGrace)
-			select {
-			case <-done:
-			case <-grace.C:
-				w.handBack()
-				select {
-				case <-done:
-				case <-time.After(2 * time.Second):
-				}
-			}
-			exit()
+			exit() // fd 3 closed mid-run: the executor stops (or died)
 		}
 		if err := enc.Encode(sandboxReply{Done: true}); err != nil {
 			exit()

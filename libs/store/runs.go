@@ -432,8 +432,8 @@ type LeaseExpiry struct {
 // locked FOR UPDATE SKIP LOCKED) exactly as a lapsed lease ends them. An ended lease
 // costs an attempt, so a run that kills its executor every time (os.Exit in a step) ends
 // FAILED instead of looping; it also counts a lapse, so that executors run a repeat
-// offender alone. RunsExpireLeases, RunsExpirePredecessorLeases and RunsExpireOwnerLeases differ
-// only in due.
+// offender alone. RunsExpireLeases, RunsExpirePredecessorLeases and
+// RunsExpireOwnerLeases differ only in due.
 //
 // A lapse after an attempt that recorded a step starts the count again at 1: what kills
 // its executor every time dies at the same point every time, before recording anything
