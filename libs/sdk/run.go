@@ -251,14 +251,29 @@ func (rc *runContext) runBody(key string, timeout time.Duration, body func(conte
 		err error
 	}
 	done := make(chan result, 1)
+	// Whichever of the body's return and the timeout settles first wins: a body that
+	// returns as time runs out keeps its result, and only a body really left running
+	// counts as abandoned, until it returns.
+	const running, returned, abandoned = 0, 1, 2
+	var state atomic.Int32
 	go func() {
 		out, err := callBody(ctx, key, body)
 		done <- result{out, err}
+		if !state.CompareAndSwap(running, returned) {
+			rc.w.metrics.abandoned.Add(-1)
+		}
 	}()
 	select {
 	case r := <-done:
 		return r.out, r.err
 	case <-ctx.Done():
+		// Counted before it is settled, so the body's own count down never comes first.
+		rc.w.metrics.abandoned.Add(1)
+		if !state.CompareAndSwap(running, abandoned) {
+			rc.w.metrics.abandoned.Add(-1)
+			r := <-done
+			return r.out, r.err
+		}
 		rc.w.metrics.stepTimeouts.Add(1)
 		return nil, fmt.Errorf("step %q: %w after %s", key, ErrStepTimeout, timeout)
 	}

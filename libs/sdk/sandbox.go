@@ -52,6 +52,9 @@ type sandboxReply struct {
 	Claim string `json:"claim,omitempty"` // claimOK, claimNoop or claimFailed
 	Error string `json:"error,omitempty"`
 	Done  bool   `json:"done,omitempty"`
+	// Retire, with done: a step body the sandbox abandoned at its timeout still runs,
+	// and the sandbox ends itself instead of taking the next run.
+	Retire bool `json:"retire,omitempty"`
 }
 
 const (
@@ -169,6 +172,16 @@ func (p *sandboxPool) isStopped() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.stopped
+}
+
+// retire lets a sandbox that ends itself go: its place is freed once it is reaped, so
+// that the processes never outnumber the pool.
+func (p *sandboxPool) retire(sb *sandbox) {
+	_ = sb.toChild.Close()
+	go func() {
+		<-sb.exited
+		p.discard(sb)
+	}()
 }
 
 // discard frees the place of a sandbox that is gone.
@@ -310,6 +323,12 @@ func (w *Worker) runInSandbox(def Registration, msg jetstream.Msg, task wire.Tas
 	}
 	if rep, err = sb.next(); err != nil || !rep.Done {
 		w.sandboxGone(sb, task.RunID)
+		return true
+	}
+	if rep.Retire {
+		w.metrics.sandboxesRetired.Add(1)
+		w.log.Info("sandbox retired: a step body it abandoned at its timeout still runs", "run_id", task.RunID, "sandbox_pid", sb.pid())
+		w.sandboxes.retire(sb)
 		return true
 	}
 	w.sandboxes.put(sb)
@@ -464,7 +483,9 @@ func (w *Worker) serveSandbox() error {
 		case <-reqs:
 			exit() // fd 3 closed mid-run: the executor stops (or died)
 		}
-		if err := enc.Encode(sandboxReply{Done: true}); err != nil {
+		// Only ending the process stops a body that ignores its context.
+		retire := w.metrics.abandoned.Load() > 0
+		if err := enc.Encode(sandboxReply{Done: true, Retire: retire}); err != nil || retire {
 			exit()
 		}
 	}

@@ -96,6 +96,13 @@ type WorkerConfig struct {
 	// One worker per namespace and program; another worker's Start in a sandbox returns
 	// at once and takes no work. The sandboxes count against Concurrency.
 	Sandboxes int
+	// SandboxEveryRun runs every run in a sandbox, not only those that must run alone:
+	// Concurrency sandboxes, one per slot. A run that kills its process then never takes
+	// another run down, not even on its first attempt, before anything is known of it:
+	// the prefork model of Celery and Unicorn. It costs a process per slot, with its own
+	// database pool, and a pipe round trip per run; suited to tens of slots, not
+	// thousands. Sandboxes is ignored.
+	SandboxEveryRun bool
 }
 
 func (c *WorkerConfig) setDefaults() error {
@@ -139,13 +146,16 @@ func (c *WorkerConfig) setDefaults() error {
 	if c.Clock == nil {
 		c.Clock = clock.Default()
 	}
+	c.Sandboxes = min(max(c.Sandboxes, 0), c.Concurrency)
+	if c.SandboxEveryRun {
+		c.Sandboxes = c.Concurrency
+	}
 	if c.IsolateAfterLapses == 0 {
 		c.IsolateAfterLapses = 2
 		if c.Sandboxes > 0 {
 			c.IsolateAfterLapses = 1
 		}
 	}
-	c.Sandboxes = min(max(c.Sandboxes, 0), c.Concurrency)
 	if c.Name != "" {
 		if err := wire.ValidateName("worker", c.Name); err != nil {
 			return err
@@ -179,13 +189,21 @@ type WorkerStats struct {
 	RanAlone       int64 // attempts run alone after lapses in a row (IsolateAfterLapses)
 	Sandboxed      int64 // attempts run in a sandbox (Sandboxes), counted in Claimed too
 	SandboxesLost  int64 // sandboxes that died while they ran a run
-	InFlight       int64
+	// SandboxesRetired: sandboxes ended after their run because a step body they had
+	// abandoned at its timeout still ran (only ending its process stops it).
+	SandboxesRetired int64
+	StepTimeouts     int64 // step bodies that did not return within their timeout
+	// Abandoned: step bodies abandoned at their timeout that have not returned yet. Go
+	// cannot stop a goroutine: a body that ignores its context runs on, and holds what
+	// it holds, until its process ends. Sandboxes end theirs after the run.
+	Abandoned int64
+	InFlight  int64
 }
 
 type workerMetrics struct {
 	claimed, claimNoops, poison, stepsRecorded, completed, failed, retried atomic.Int64
 	fencedRejected, leaseLost, released, inFlight, stepTimeouts, ranAlone  atomic.Int64
-	sandboxed, sandboxesLost                                               atomic.Int64
+	sandboxed, sandboxesLost, sandboxesRetired, abandoned                  atomic.Int64
 }
 
 // Worker hosts workflows: it pulls doorbells from the shared JetStream consumer of each
@@ -294,7 +312,8 @@ func (w *Worker) Stats() WorkerStats {
 		StepsRecorded: m.stepsRecorded.Load(), Completed: m.completed.Load(), Failed: m.failed.Load(),
 		Retried: m.retried.Load(), FencedRejected: m.fencedRejected.Load(), LeaseLost: m.leaseLost.Load(),
 		Released: m.released.Load(), RanAlone: m.ranAlone.Load(), Sandboxed: m.sandboxed.Load(),
-		SandboxesLost: m.sandboxesLost.Load(), InFlight: m.inFlight.Load()}
+		SandboxesLost: m.sandboxesLost.Load(), SandboxesRetired: m.sandboxesRetired.Load(),
+		StepTimeouts: m.stepTimeouts.Load(), Abandoned: m.abandoned.Load(), InFlight: m.inFlight.Load()}
 }
 
 // Start checks the schema, announces the worker and begins pulling work. It returns once
@@ -645,7 +664,7 @@ func (w *Worker) handle(def Registration, msg jetstream.Msg) {
 	// admitted gives back the gate's unit a run takes before its claim; nil: the run
 	// runs alone, room made.
 	var admitted func()
-	if w.suspect(task.Lapses) && w.sandboxes != nil && w.runInSandbox(def, msg, task) {
+	if w.sandboxes != nil && (w.cfg.SandboxEveryRun || w.suspect(task.Lapses)) && w.runInSandbox(def, msg, task) {
 		return
 	}
 	if w.suspect(task.Lapses) {

@@ -82,6 +82,8 @@ func registerWorkerMetrics(reg prometheus.Registerer, w *sdk.Worker) error {
 		{"runs_ran_alone_total", "Attempts run alone after lapses in a row.", func(s sdk.WorkerStats) int64 { return s.RanAlone }},
 		{"runs_sandboxed_total", "Attempts run in a sandbox process.", func(s sdk.WorkerStats) int64 { return s.Sandboxed }},
 		{"sandboxes_lost_total", "Sandbox processes that died while they ran a run.", func(s sdk.WorkerStats) int64 { return s.SandboxesLost }},
+		{"sandboxes_retired_total", "Sandbox processes ended after their run to stop a step body abandoned at its timeout.", func(s sdk.WorkerStats) int64 { return s.SandboxesRetired }},
+		{"step_timeouts_total", "Step bodies that did not return within their timeout.", func(s sdk.WorkerStats) int64 { return s.StepTimeouts }},
 	}
 	for _, c := range counters {
 		value := c.value
@@ -92,11 +94,21 @@ func registerWorkerMetrics(reg prometheus.Registerer, w *sdk.Worker) error {
 			return fmt.Errorf("register executor metric %s: %w", c.name, err)
 		}
 	}
-	err := reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Namespace: "kagzi", Subsystem: "executor", Name: "runs_in_flight", Help: "Runs executing now.",
-	}, func() float64 { return float64(w.Stats().InFlight) }))
-	if err != nil {
-		return fmt.Errorf("register executor metric runs_in_flight: %w", err)
+	gauges := []struct {
+		name, help string
+		value      func(sdk.WorkerStats) int64
+	}{
+		{"runs_in_flight", "Runs executing now.", func(s sdk.WorkerStats) int64 { return s.InFlight }},
+		{"step_bodies_abandoned", "Step bodies abandoned at their timeout that still run in this process.", func(s sdk.WorkerStats) int64 { return s.Abandoned }},
+	}
+	for _, g := range gauges {
+		value := g.value
+		err := reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "kagzi", Subsystem: "executor", Name: g.name, Help: g.help,
+		}, func() float64 { return float64(value(w.Stats())) }))
+		if err != nil {
+			return fmt.Errorf("register executor metric %s: %w", g.name, err)
+		}
 	}
 	return nil
 }

@@ -27,12 +27,13 @@ type knobs struct {
 	effectConns int32 // the oracle's pool
 	httpAddr    string
 	bombs       bool
-	sandboxes   int // sdk.WorkerConfig.Sandboxes
+	sandboxes   int  // sdk.WorkerConfig.Sandboxes
+	everyRun    bool // sdk.WorkerConfig.SandboxEveryRun
 }
 
 func readKnobs() (knobs, error) {
 	k := knobs{namespace: envOr("KAGZI_NAMESPACE", wire.DefaultNamespace), httpAddr: envOr("KAGZI_HTTP_ADDR", "off"),
-		bombs: os.Getenv("KAGZI_BOMBS") == "1"}
+		bombs: os.Getenv("KAGZI_BOMBS") == "1", everyRun: os.Getenv("KAGZI_SANDBOX_EVERY_RUN") == "1"}
 	if err := wire.ValidateName("namespace", k.namespace); err != nil {
 		return k, fmt.Errorf("KAGZI_NAMESPACE: %w", err)
 	}

@@ -14,7 +14,7 @@
 //	(off; else Go runtime and process metrics on /metrics), KAGZI_BOMBS (1: also host
 //	chaoswf.Bomb, with a client in the executor's namespace), KAGZI_SANDBOXES (0: the
 //	worker's Sandboxes; its sandboxes are this program again, and write their effects
-//	under their own pids)
+//	under their own pids), KAGZI_SANDBOX_EVERY_RUN (1: the worker's SandboxEveryRun)
 package main
 
 import (
@@ -94,8 +94,8 @@ func run() error {
 	w, err := sdk.NewWorker(sdk.WorkerConfig{Pool: pool, Conn: nc, Lease: lease, Concurrency: conc,
 		RetryBackoff: 100 * time.Millisecond, MaxBackoff: time.Second, ShutdownGrace: time.Second, LocalSleepMax: localSleep,
 		Namespace: k.namespace, Limits: k.limits, Name: chaoswf.ExecutorName, Sandboxes: k.sandboxes,
-		Consumer: consumer,
-		Logger:   slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))})
+		SandboxEveryRun: k.everyRun, Consumer: consumer,
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))})
 	if err != nil {
 		return fmt.Errorf("new worker: %w", err)
 	}
