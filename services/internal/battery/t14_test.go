@@ -187,9 +187,7 @@ supervise:
 		}
 	}
 	close(stopCounting)
-	sum.Faults = fmt.Sprintf("%d poison runs (%d × %s); %d executor exits, each restarted",
-		len(poisonIDs), n, strings.Join(kinds, ", "), len(dead))
-	sum.Faults += ", isolation " + *t14Isolation
+	sum.Faults = fmt.Sprintf("%d poison runs (%d × %s), isolation %s", len(poisonIDs), n, strings.Join(kinds, ", "), *t14Isolation)
 	t.Logf("%d executor exits, all restarted", len(dead))
 
 	// Good runs: all completed, correctly, repeating only what a dead or fenced executor
@@ -264,6 +262,7 @@ supervise:
 	}
 	t.Logf("os.Exit calls: %d in executors, %d in sandboxes (%d seen dying by their executors; %d sandboxes in all)",
 		len(execExits), len(exitPIDs)-len(execExits), len(sandboxExits), len(sandboxes))
+	sum.Faults += fmt.Sprintf("; %d os.Exit calls: %d killed an executor (restarted), %d a sandbox", len(exitPIDs), len(dead), len(exitPIDs)-len(execExits))
 	if len(dead) == 0 {
 		// Only an executor's death can hide its sandbox's: with none, every process
 		// restart is a sandbox its executor saw die, one per os.Exit call.

@@ -85,15 +85,23 @@ func runApp(ctx context.Context, env Env, program string, opts ...fx.Option) int
 		fmt.Fprintf(env.Stderr, "%s: %v\n", program, err)
 		return ExitFailure
 	}
-	<-ctx.Done()
-	// The signal's context is done; stopping gets its own budget.
+	code := ExitOK
+	select {
+	case <-ctx.Done():
+	case sig := <-app.Wait():
+		// A module shut the process down (fx.Shutdowner): a sandbox that could not start.
+		if sig.ExitCode != 0 {
+			code = ExitFailure
+		}
+	}
+	// Stopping gets its own budget.
 	stopCtx, cancel := context.WithTimeout(context.Background(), app.StopTimeout())
 	defer cancel()
 	if err := app.Stop(stopCtx); err != nil {
 		fmt.Fprintf(env.Stderr, "%s: stop: %v\n", program, err)
 		return ExitFailure
 	}
-	return ExitOK
+	return code
 }
 
 // Kagzi is the `kagzi` command: a subcommand and its arguments.

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 
+	"github.com/kagzi/kagzi/libs/sdk"
 	"github.com/kagzi/kagzi/services/internal/benchwf"
 	"github.com/kagzi/kagzi/services/internal/demo"
 	"github.com/kagzi/kagzi/services/internal/modules"
@@ -35,5 +36,13 @@ func Executor(ctx context.Context, program string, args []string, env Env) int {
 	if err != nil {
 		return configFailed(env, program, err)
 	}
-	return runApp(ctx, env, program, modules.Executor(cfg, append(demo.Workflows(), benchwf.Workflows()...)))
+	workflows := append(demo.Workflows(), benchwf.Workflows()...)
+	if sdk.InSandbox() {
+		// A sandbox of an executor (KAGZI_SANDBOXES, KAGZI_SANDBOX_EVERY_RUN): its
+		// executor ends it by closing its pipe, not a signal, which a terminal's Ctrl-C
+		// sends the whole process group; this process's run finishes or is handed back
+		// within the grace its executor gives its own.
+		return runApp(context.Background(), env, program, modules.Executor(cfg.ForSandbox(), workflows))
+	}
+	return runApp(ctx, env, program, modules.Executor(cfg, workflows))
 }

@@ -5,10 +5,15 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -34,6 +39,7 @@ func TestMain(m *testing.M) {
 		"github.com/kagzi/kagzi/services/scheduler",
 		"github.com/kagzi/kagzi/services/timer",
 		"github.com/kagzi/kagzi/services/internal/e2e/testexecutor",
+		"github.com/kagzi/kagzi/services/executor",
 		"github.com/nats-io/nats-server/v2")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -350,4 +356,66 @@ func TestWaitForASubmittedRun(t *testing.T) {
 	if _, err := s.client.Wait(ctx, id); !errors.Is(err, wire.ErrRunNotFound) {
 		t.Fatalf("wait for a submit that made no run: %v, want ErrRunNotFound", err)
 	}
+}
+
+// The reference executor with KAGZI_SANDBOX_EVERY_RUN runs every run in a sandbox, the
+// executor binary started again: a sandbox serves no HTTP (its executor's port is
+// taken, and a sandbox that tried to listen would not start) and does not migrate, and
+// the executor's metrics count the runs its sandboxes ran.
+func TestReferenceExecutorSandboxes(t *testing.T) {
+	t.Parallel()
+	s := newSystem(t)
+	s.scheduler()
+	s.timer()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	exec := testkit.StartProcess(t, "executor", bins["executor"], s.env("KAGZI_HTTP_ADDR="+addr, "KAGZI_AUTO_MIGRATE=true",
+		"KAGZI_CONCURRENCY=2", "KAGZI_SANDBOX_EVERY_RUN=true", "KAGZI_EXECUTOR_NAME=ref")...)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const n = 3
+	for i := range n {
+		id, err := s.client.StartByName(ctx, "greet", map[string]any{"name": fmt.Sprintf("Ada %d", i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := s.client.Wait(ctx, id)
+		if err != nil || info.Status != wire.StatusCompleted || !strings.Contains(string(info.Output), fmt.Sprintf("Hello, Ada %d!", i)) {
+			s.dump()
+			t.Fatalf("greet %d: %+v, %v", i, info, err)
+		}
+	}
+	if got := metric(t, "http://"+addr+"/metrics", "kagzi_executor_runs_sandboxed_total"); got < n {
+		t.Errorf("kagzi_executor_runs_sandboxed_total = %v, want at least %d", got, n)
+	}
+	log := exec.Log()
+	if !strings.Contains(log, "sandbox ready") || strings.Contains(log, "no sandbox") {
+		t.Errorf("the executor's log does not show its sandboxes serving every run")
+	}
+}
+
+// metric reads one unlabelled sample from a Prometheus text endpoint.
+func metric(t *testing.T, url, name string) float64 {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			return f
+		}
+	}
+	t.Fatalf("%s not served at %s", name, url)
+	return 0
 }

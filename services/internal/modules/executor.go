@@ -1,6 +1,7 @@
 package modules
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -31,11 +32,26 @@ func ExecutorModule(workflows ...sdk.Registration) fx.Option {
 			},
 			fx.Private,
 		),
-		fx.Invoke(func(lc fx.Lifecycle, w *sdk.Worker) {
+		fx.Invoke(func(lc fx.Lifecycle, w *sdk.Worker, sd fx.Shutdowner, log *zap.Logger) {
+			if sdk.InSandbox() {
+				lc.Append(fx.StartHook(func() { go serveSandbox(w, sd, log) }))
+				return
+			}
 			// The worker's Stop takes the stop context itself, so it is a hook as it is.
 			lc.Append(fx.Hook{OnStart: w.Start, OnStop: w.Stop})
 		}),
 	)
+}
+
+// serveSandbox is the worker's Start in a sandbox of an executor (sdk.InSandbox). There
+// Start serves the runs the executor hands it, ends the process itself when the
+// executor stops or dies, and returns only when it cannot begin: it runs beside the
+// start hooks, not in one, and a return shuts the process down with a failure. Signals
+// do not stop a sandbox (see cli.Executor): its executor does.
+func serveSandbox(w *sdk.Worker, sd fx.Shutdowner, log *zap.Logger) {
+	err := w.Start(context.Background())
+	log.Error("sandbox: the worker's Start returned (it cannot begin, or another namespace is sandboxed); ending the process", zap.Error(err))
+	_ = sd.Shutdown(fx.ExitCode(1))
 }
 
 func newWorker(cfg platform.ExecutorConfig, pool *pgxpool.Pool, nc *nats.Conn, log *zap.Logger, workflows []sdk.Registration) (*sdk.Worker, error) {
@@ -49,7 +65,10 @@ func newWorker(cfg platform.ExecutorConfig, pool *pgxpool.Pool, nc *nats.Conn, l
 		LocalSleepMax: cfg.LocalSleepMax,
 		Name:          cfg.Name,
 		Limits:        cfg.Limits,
+		Sandboxes:     cfg.Sandboxes,
 		Logger:        platform.NewSlog(log.Named("executor")),
+		// A sandbox is this binary started again: cli.Executor gives it ForSandbox.
+		SandboxEveryRun: cfg.SandboxEveryRun,
 		// PlatformModule has already migrated the schema or checked its version.
 		SkipSchemaCheck: true,
 	})

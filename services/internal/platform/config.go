@@ -45,6 +45,8 @@ import (
 //	KAGZI_MAX_STEPS         --max-steps               executor, dev
 //	KAGZI_MAX_STEP_OUTPUT   --max-step-output         executor, dev
 //	KAGZI_MAX_RUN_STATE     --max-run-state           executor, dev
+//	KAGZI_SANDBOXES         --sandboxes               executor
+//	KAGZI_SANDBOX_EVERY_RUN --sandbox-every-run       executor
 //	KAGZI_STALE_AFTER       --stale-after             timer, dev
 //	KAGZI_MAX_IDLE          --max-idle                timer, dev
 //	KAGZI_WAKE_LEAD         --wake-lead               timer, dev
@@ -147,6 +149,23 @@ type ExecutorConfig struct {
 	// Limits bound what one run may record (steps, a step's output, its whole state);
 	// only those fields are set, the rest take their defaults in the SDK.
 	Limits wire.Limits
+	// Sandboxes and SandboxEveryRun are sdk.WorkerConfig's: child processes of the
+	// executor that run one run each, so that a run which kills its process takes no
+	// other down.
+	Sandboxes       int
+	SandboxEveryRun bool
+}
+
+// ForSandbox is the configuration of a sandbox of this executor (sdk.InSandbox): the
+// same worker, without what two processes cannot share or need not do twice. It
+// serves no HTTP (the address is its executor's), leaves the schema to its executor,
+// which migrated it or checked it, and runs one run at a time on a pool to match: two
+// sessions, as a named worker's pool needs.
+func (c ExecutorConfig) ForSandbox() ExecutorConfig {
+	c.HTTPAddr = HTTPOff
+	c.Postgres.AutoMigrate = false
+	c.Postgres.MaxConns = 2
+	return c
 }
 
 // DevConfig configures `kagzi dev`: every service in one process.
@@ -238,6 +257,7 @@ func loadExecutor(b *binder) (ExecutorConfig, error) {
 	b.executor(&cfg.Concurrency, &cfg.Lease, &cfg.ShutdownGrace, &cfg.LocalSleepMax)
 	b.executorName(&cfg.Name)
 	b.runLimits(&cfg.Limits)
+	b.sandboxes(&cfg.Sandboxes, &cfg.SandboxEveryRun)
 	if err := b.finish(); err != nil {
 		return ExecutorConfig{}, err
 	}
@@ -641,6 +661,21 @@ func (b *binder) runLimits(l *wire.Limits) {
 			}
 		}
 		return errors.Join(errs...)
+	})
+}
+
+// sandboxes binds the executor's sandboxes (sdk.WorkerConfig). Not for `kagzi dev`: a
+// sandbox is its program started again, which for dev is every service.
+func (b *binder) sandboxes(n *int, everyRun *bool) {
+	b.integer(n, "sandboxes", "KAGZI_SANDBOXES", 0,
+		"child processes that run, one run each, the runs whose last attempt lapsed (0: none; such runs run alone)")
+	b.boolean(everyRun, "sandbox-every-run", "KAGZI_SANDBOX_EVERY_RUN", false,
+		"run every run in a sandbox, one per slot of --concurrency: a run that kills its process takes no other down")
+	b.check(func() error {
+		if *n < 0 {
+			return fmt.Errorf("sandboxes %d: want 0 or more", *n)
+		}
+		return nil
 	})
 }
 

@@ -87,9 +87,10 @@ func TestFlagsOverEnvironment(t *testing.T) {
 		"KAGZI_AUTO_MIGRATE", "false",
 		"KAGZI_NAMESPACE", "from-env",
 		"KAGZI_EXECUTOR_NAME", "executor-0",
+		"KAGZI_SANDBOXES", "3",
 	)
 	cfg, err := LoadExecutor(Source{Env: e, Args: []string{
-		"--nats-url", "nats://flag:4222", "--concurrency=2", "--auto-migrate=true",
+		"--nats-url", "nats://flag:4222", "--concurrency=2", "--auto-migrate=true", "--sandbox-every-run",
 	}})
 	if err != nil {
 		t.Fatal(err)
@@ -104,6 +105,14 @@ func TestFlagsOverEnvironment(t *testing.T) {
 	}
 	if cfg.Lease != 45*time.Second || cfg.Log.Level != zapcore.DebugLevel || cfg.Namespace != "from-env" || cfg.Name != "executor-0" {
 		t.Errorf("env lost: %+v", cfg)
+	}
+	if cfg.Sandboxes != 3 || !cfg.SandboxEveryRun {
+		t.Errorf("sandboxes = %d, every run %t; want 3 and true", cfg.Sandboxes, cfg.SandboxEveryRun)
+	}
+	// A sandbox of this executor shares nothing it cannot and migrates nothing.
+	sb := cfg.ForSandbox()
+	if sb.HTTPAddr != HTTPOff || sb.Postgres.AutoMigrate || sb.Postgres.MaxConns != 2 || sb.Name != cfg.Name || !sb.SandboxEveryRun {
+		t.Errorf("ForSandbox = %+v", sb)
 	}
 }
 
@@ -217,6 +226,8 @@ func TestBadConfiguration(t *testing.T) {
 		{"namespace", Source{Env: env("KAGZI_NAMESPACE", "a.b")}, []string{"namespace"}},
 		{"executor name", Source{Env: env("KAGZI_EXECUTOR_NAME", "pod/0")}, []string{`executor name "pod/0"`}},
 		{"run limits", Source{Env: env("KAGZI_MAX_STEPS", "0", "KAGZI_MAX_RUN_STATE", "-5")}, []string{"max-steps 0", "max-run-state -5"}},
+		{"sandboxes", Source{Env: env("KAGZI_SANDBOXES", "-1")}, []string{"sandboxes -1"}},
+		{"sandbox every run", Source{Env: env("KAGZI_SANDBOX_EVERY_RUN", "often")}, []string{"KAGZI_SANDBOX_EVERY_RUN"}},
 		{"http addr", Source{Env: env("KAGZI_HTTP_ADDR", "9103")}, []string{"http address"}},
 		{"nats scheme", Source{Env: env("NATS_URL", "http://127.0.0.1:4222")}, []string{`scheme "http"`}},
 		{"nats url", Source{Env: env("NATS_URL", "127.0.0.1")}, []string{"is not a URL"}},
