@@ -83,18 +83,45 @@ func sandboxMain() int {
 	return 1
 }
 
-// A run whose last attempt lapsed runs in a sandbox, a child process: one whose step
-// os.Exits kills only its sandbox, each attempt ending at once with the reason a lapsed
-// lease gives, until its attempts are spent; one that does not completes there; and a
-// fresh run runs in the executor's own process.
-func TestSandboxes(t *testing.T) {
-	t.Parallel()
+// newSandboxWorker gives a test its own database and NATS server, and a worker of the
+// sandbox mode (sandboxWorkerConfig) whose sandboxes are this test binary; start starts
+// it, and the test's end stops it.
+func newSandboxWorker(t *testing.T, mode string) (e *env, w *sdk.Worker, start func()) {
+	t.Helper()
 	dbURL, natsURL := testkit.NewDatabase(t), testkit.StartNATS(t).URL()
 	e, stop, err := setupEnv(dbURL, natsURL, t.Name())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(stop)
+	cfg := sandboxWorkerConfig(mode)
+	cfg.Pool, cfg.Conn = e.pool, e.nc
+	if testing.Verbose() {
+		cfg.Logger = slogToStderr()
+	}
+	if w, err = sdk.NewWorker(cfg); err != nil {
+		t.Fatal(err)
+	}
+	sdk.SetSandboxEnv(w, "KAGZI_SDK_TEST_DB="+dbURL, "KAGZI_SDK_TEST_NATS="+natsURL, sandboxModeEnv+"="+mode)
+	if err := w.Register(sandboxWF); err != nil {
+		t.Fatal(err)
+	}
+	return e, w, func() {
+		t.Helper()
+		if err := w.Start(ctxT(t)); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = w.Stop(context.Background()) })
+	}
+}
+
+// A run whose last attempt lapsed runs in a sandbox, a child process: one whose step
+// os.Exits kills only its sandbox, each attempt ending at once with the reason a lapsed
+// lease gives, until its attempts are spent; one that does not completes there; and a
+// fresh run runs in the executor's own process.
+func TestSandboxes(t *testing.T) {
+	t.Parallel()
+	e, w, start := newSandboxWorker(t, "")
 	ctx := ctxT(t)
 
 	// Two runs a dead incarnation of the worker's name held: the worker hands them back
@@ -116,23 +143,7 @@ func TestSandboxes(t *testing.T) {
 	good := held(sandboxInput{}, 3)
 	exiter := held(sandboxInput{Exit: true}, 3)
 
-	cfg := sandboxWorkerConfig("")
-	cfg.Pool, cfg.Conn = e.pool, e.nc
-	if testing.Verbose() {
-		cfg.Logger = slogToStderr()
-	}
-	w, err := sdk.NewWorker(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sdk.SetSandboxEnv(w, "KAGZI_SDK_TEST_DB="+dbURL, "KAGZI_SDK_TEST_NATS="+natsURL)
-	if err := w.Register(sandboxWF); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = w.Stop(context.Background()) })
+	start()
 	fresh, err := sandboxWF.Start(ctx, e.client(), sandboxInput{})
 	if err != nil {
 		t.Fatal(err)
@@ -184,30 +195,9 @@ func TestSandboxes(t *testing.T) {
 // a step body at its timeout ends itself after the run, the body with it.
 func TestSandboxEveryRun(t *testing.T) {
 	t.Parallel()
-	dbURL, natsURL := testkit.NewDatabase(t), testkit.StartNATS(t).URL()
-	e, stop, err := setupEnv(dbURL, natsURL, t.Name())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(stop)
+	e, w, start := newSandboxWorker(t, "every-run")
 	ctx := ctxT(t)
-	cfg := sandboxWorkerConfig("every-run")
-	cfg.Pool, cfg.Conn = e.pool, e.nc
-	if testing.Verbose() {
-		cfg.Logger = slogToStderr()
-	}
-	w, err := sdk.NewWorker(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sdk.SetSandboxEnv(w, "KAGZI_SDK_TEST_DB="+dbURL, "KAGZI_SDK_TEST_NATS="+natsURL, sandboxModeEnv+"=every-run")
-	if err := w.Register(sandboxWF); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = w.Stop(context.Background()) })
+	start()
 
 	c := e.client()
 	// The good run holds its sandbox while the other dies beside it, on its first attempt.

@@ -84,10 +84,11 @@ func newWorker(cfg platform.ExecutorConfig, pool *pgxpool.Pool, nc *nats.Conn, l
 // registerWorkerMetrics exposes the worker's counters. The SDK keeps plain counters so
 // that users' executors do not take on Prometheus; the services read them at scrape time.
 func registerWorkerMetrics(reg prometheus.Registerer, w *sdk.Worker) error {
-	counters := []struct {
+	type metric struct {
 		name, help string
 		value      func(sdk.WorkerStats) int64
-	}{
+	}
+	counters := []metric{
 		{"runs_claimed_total", "Runs claimed by this executor.", func(s sdk.WorkerStats) int64 { return s.Claimed }},
 		{"claim_noops_total", "Task messages that claimed nothing (stale, duplicate or forged).", func(s sdk.WorkerStats) int64 { return s.ClaimNoops }},
 		{"poison_messages_total", "Task messages that were not tasks, terminated.", func(s sdk.WorkerStats) int64 { return s.Poison }},
@@ -104,29 +105,20 @@ func registerWorkerMetrics(reg prometheus.Registerer, w *sdk.Worker) error {
 		{"sandboxes_retired_total", "Sandbox processes ended after their run to stop a step body abandoned at its timeout.", func(s sdk.WorkerStats) int64 { return s.SandboxesRetired }},
 		{"step_timeouts_total", "Step bodies that did not return within their timeout.", func(s sdk.WorkerStats) int64 { return s.StepTimeouts }},
 	}
-	for _, c := range counters {
-		value := c.value
-		err := reg.Register(prometheus.NewCounterFunc(prometheus.CounterOpts{
-			Namespace: "kagzi", Subsystem: "executor", Name: c.name, Help: c.help,
-		}, func() float64 { return float64(value(w.Stats())) }))
-		if err != nil {
-			return fmt.Errorf("register executor metric %s: %w", c.name, err)
-		}
-	}
-	gauges := []struct {
-		name, help string
-		value      func(sdk.WorkerStats) int64
-	}{
+	gauges := []metric{
 		{"runs_in_flight", "Runs executing now.", func(s sdk.WorkerStats) int64 { return s.InFlight }},
 		{"step_bodies_abandoned", "Step bodies abandoned at their timeout that still run in this process.", func(s sdk.WorkerStats) int64 { return s.Abandoned }},
 	}
-	for _, g := range gauges {
-		value := g.value
-		err := reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Namespace: "kagzi", Subsystem: "executor", Name: g.name, Help: g.help,
-		}, func() float64 { return float64(value(w.Stats())) }))
-		if err != nil {
-			return fmt.Errorf("register executor metric %s: %w", g.name, err)
+	for i, m := range append(counters, gauges...) {
+		value := func() float64 { return float64(m.value(w.Stats())) }
+		var c prometheus.Collector
+		if i >= len(counters) {
+			c = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "kagzi", Subsystem: "executor", Name: m.name, Help: m.help}, value)
+		} else {
+			c = prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "kagzi", Subsystem: "executor", Name: m.name, Help: m.help}, value)
+		}
+		if err := reg.Register(c); err != nil {
+			return fmt.Errorf("register executor metric %s: %w", m.name, err)
 		}
 	}
 	return nil
