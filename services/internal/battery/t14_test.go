@@ -333,7 +333,7 @@ supervise:
 	// What sets the tail (the timeline and the slow runs' histories above show it):
 	//   - every run in a sandbox (the default): no good run loses an attempt, and the
 	//     looping bodies' slots set the p99: each loop attempt holds its slot for the
-	//     whole 1 s step timeout, over 40 % of the slot-seconds before the deadline. 1.4 ×
+	//     whole 1 s step timeout, over 40 % of the slot-seconds before the deadline. 1.4-1.7 ×
 	//     at the chaos size; 2.0-2.4 × at the gate size, where the poison-free phase
 	//     lasts less than one timeout;
 	//   - sandboxes only for runs whose last attempt lapsed (-kagzi.t14-isolation=
