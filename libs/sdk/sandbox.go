@@ -18,10 +18,11 @@ import (
 )
 
 // A sandbox is a child process that runs, one at a time, the runs its executor must not
-// run beside others (WorkerConfig.Sandboxes): a run whose step kills its process
-// (os.Exit, a fatal runtime error) then kills only its sandbox. The executor sees the
-// sandbox's pipe close the moment it dies, and ends the run's attempt at once, as the
-// lapsed lease would a lease later. A sandbox that finished its run waits for the next.
+// run beside others (WorkerConfig.Sandboxes), or every run (SandboxEveryRun): a run
+// whose step kills its process (os.Exit, a fatal runtime error) then kills only its
+// sandbox. The executor sees the sandbox's pipe close the moment it dies, and ends the
+// run's attempt at once, as the lapsed lease would a lease later. A sandbox that
+// finished its run waits for the next, unless it abandoned a step body (it retires).
 //
 // It is the executor's own program started again, with the same arguments and
 // environment, sandboxEnv set to the worker's namespace and sandboxParentEnv to its id,
@@ -273,8 +274,9 @@ func (p *sandboxPool) start() (*sandbox, error) {
 	return sb, nil
 }
 
-// runInSandbox answers a doorbell of a run that must run alone by handing it to a
-// sandbox. Not handled: no sandbox could be started, and the caller runs it alone here.
+// runInSandbox answers a doorbell by handing it to a sandbox: a run that must run alone,
+// or any run with SandboxEveryRun. Not handled: no sandbox could be started, and the
+// caller runs it here (alone, if it must).
 func (w *Worker) runInSandbox(def Registration, msg jetstream.Msg, task wire.Task) (handled bool) {
 	// Kept in progress while a sandbox is found and claims it.
 	stopKeeping := keepInProgress(msg, w.cfg.Consumer.AckWait/3)

@@ -236,7 +236,8 @@ type Worker struct {
 	gate      *semaphore.Weighted
 	isolating atomic.Bool
 
-	// sandboxes run the runs that must run alone, when cfg.Sandboxes > 0; nil else.
+	// sandboxes run the runs that must run alone, or every run with SandboxEveryRun,
+	// when cfg.Sandboxes > 0; nil else.
 	// sandboxed: this process is itself a sandbox (see serveSandbox).
 	sandboxes       *sandboxPool
 	sandboxed       bool
